@@ -1,0 +1,101 @@
+"""PEFT methods: a config plus how to attach, save, load and detach it. One registry entry each.
+
+LoRA, DoRA and IA3 come from peft; the paper's bottleneck adapter from ``bottleneck.py``. Every
+method's files are ``adapter_config.json`` + ``adapter_model.safetensors``; peft methods are loaded
+only with ``PeftModel.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from peft import IA3Config, LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from torch import nn
+
+from . import bottleneck
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    name: str = field(default="lora", metadata={"help": "one of: " + "lora, dora, ia3, bottleneck"})
+    r: int = field(default=16, metadata={"help": "LoRA/DoRA rank, or the bottleneck width"})
+    alpha: float = field(default=32.0, metadata={"help": "LoRA/DoRA scaling numerator (scale = alpha / r)"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout inside the adapter"})
+    target_modules: tuple[str, ...] | None = field(
+        default=None,
+        metadata={"help": "LoRA/DoRA/IA3: module names (default: all linear layers); "
+                          "bottleneck: sub-layers 'attention' and/or 'ffn' (default: both)"},
+    )
+    variant: str = field(default="serial", metadata={"help": "bottleneck only: serial or parallel"})
+
+    def __post_init__(self):
+        if self.name not in METHODS:
+            raise ValueError(f"unknown PEFT method {self.name!r}; choose one of {', '.join(METHODS)}")
+        if self.r < 1:
+            raise ValueError(f"rank r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"adapter dropout must be in [0, 1), got {self.dropout}")
+        if self.target_modules is not None and not self.target_modules:
+            raise ValueError("target_modules is empty; leave it unset for the method's default")
+
+
+@dataclass(frozen=True)
+class Method:
+    attach: Callable[[nn.Module, MethodConfig], nn.Module]  # returns the trainable model
+    save: Callable[[nn.Module, Path], None]
+    load: Callable[[nn.Module, Path], nn.Module]  # returns the adapted model, frozen
+    detach: Callable[[nn.Module], nn.Module]  # returns the base model, as it was
+    adapter_state: Callable[[nn.Module], dict[str, torch.Tensor]]  # keyed as in the weights file
+
+
+def _peft_method(make_config: Callable[[MethodConfig], object]) -> Method:
+    return Method(
+        attach=lambda model, cfg: get_peft_model(model, make_config(cfg)),
+        save=lambda model, directory: model.save_pretrained(str(directory)),
+        load=lambda model, directory: PeftModel.from_pretrained(model, str(directory)),
+        detach=lambda model: model.unload(),
+        adapter_state=lambda model: get_peft_model_state_dict(model),
+    )
+
+
+def _lora(cfg: MethodConfig, use_dora: bool = False) -> LoraConfig:
+    return LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_dora=use_dora,
+        target_modules=list(cfg.target_modules) if cfg.target_modules else "all-linear",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _ia3(cfg: MethodConfig) -> IA3Config:
+    targets = list(cfg.target_modules) if cfg.target_modules else None  # peft's per-architecture default
+    return IA3Config(target_modules=targets, feedforward_modules=[] if targets else None, task_type="CAUSAL_LM")
+
+
+def _bottleneck_config(cfg: MethodConfig) -> bottleneck.BottleneckConfig:
+    return bottleneck.BottleneckConfig(
+        bottleneck_size=cfg.r, variant=cfg.variant, dropout=cfg.dropout,
+        sublayers=tuple(cfg.target_modules) if cfg.target_modules else bottleneck.SUBLAYERS,
+    )
+
+
+METHODS: dict[str, Method] = {
+    "lora": _peft_method(_lora),
+    "dora": _peft_method(lambda cfg: _lora(cfg, use_dora=True)),
+    "ia3": _peft_method(_ia3),
+    "bottleneck": Method(
+        attach=lambda model, cfg: bottleneck.attach(model, _bottleneck_config(cfg)),
+        save=bottleneck.save,
+        load=bottleneck.load,
+        detach=bottleneck.detach,
+        adapter_state=bottleneck.adapter_state_dict,
+    ),
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown PEFT method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name]

@@ -1,0 +1,172 @@
+"""Fine-tune an adapter with Trans-PEFT: one loop for every PEFT method.
+
+``train_adapter`` is the whole recipe (seed -> attach method -> train with the regularisers ->
+evaluate -> save atomically); ``train_loop`` is the loop itself, which knows nothing of the
+regularisers' inside. accelerate runs it in fp32 on the CPU and bf16 autocast on a GPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from .adapters import Manifest, adapted_targets, library_versions, save_adapter
+from .bases import BaseInfo
+from .batching import collate, encode, special_ids
+from .data import Example, Task
+from .evaluate import evaluate
+from .methods import MethodConfig, get_method
+from .regularisers import attach_regularisers
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the adapter weights became NaN or infinite; nothing was saved."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = field(default=300, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=32, metadata={"help": "examples per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
+    warmup: float = field(default=0.06, metadata={"help": "fraction of steps spent warming up, then cosine decay"})
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    p_i: float = field(default=0.0, metadata={"help": "Trans-PEFT knowledge masking probability, in [0, 1)"})
+    p_c: float = field(default=0.0, metadata={"help": "Trans-PEFT knowledge dropping probability, in [0, 1)"})
+    seed: int = 0
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16"})
+
+    def __post_init__(self):
+        for name in ("p_i", "p_c"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value} (typical: p_c 0.1-0.2, p_i 0-0.1)")
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+
+@dataclass
+class TrainResult:
+    losses: list[float]  # one per optimizer step
+    tokens: int
+    seconds: float
+    ffn_dropped: int  # FFN sub-layers skipped by knowledge dropping
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds
+
+
+def _mixed_precision(precision: str) -> str:
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return "no" if precision == "fp32" else "bf16"
+
+
+def _batches(encoded, batch_size: int, pad_id: int, seed: int):
+    """Endless shuffled micro-batches, reshuffled every epoch from a seeded generator."""
+    rng = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(encoded), generator=rng).tolist()
+        last_start = max(len(order) - batch_size, 0)  # drop the ragged tail: equal-sized batches
+        for start in range(0, last_start + 1, batch_size):
+            yield collate([encoded[i] for i in order[start:start + batch_size]], pad_id)
+
+
+def train_loop(model, tokenizer, examples: list[Example], config: TrainConfig, progress: bool = True) -> TrainResult:
+    """Train the model's trainable parameters on ``examples``; loss on answer tokens only."""
+    if not examples:
+        raise ValueError("no training examples: the dataset is empty")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters; attach a PEFT method first")
+    _, _, pad = special_ids(tokenizer)
+    encoded = [encode(tokenizer, ex) for ex in examples]
+    batches = _batches(encoded, config.batch_size, pad, config.seed)
+
+    accelerator = Accelerator(mixed_precision=_mixed_precision(config.precision),
+                              gradient_accumulation_steps=config.grad_accum)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup * config.steps), config.steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    regularisers = attach_regularisers(accelerator.unwrap_model(model), config.p_i, config.p_c, config.seed)
+
+    losses, tokens = [], 0
+    start = time.perf_counter()
+    model.train()
+    try:
+        with tqdm(range(config.steps), desc="train", unit="step", disable=not progress, leave=False) as bar:
+            for step in bar:
+                step_loss = 0.0
+                for _ in range(config.grad_accum):
+                    batch = next(batches).to(accelerator.device)
+                    with accelerator.accumulate(model):
+                        loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                     labels=batch.labels).loss
+                        if not torch.isfinite(loss):
+                            raise TrainingDiverged(f"loss became {loss.item()} at step {step + 1}; "
+                                                   "lower the learning rate or check the data")
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients:
+                            accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad()
+                    step_loss += loss.item() / config.grad_accum
+                    tokens += int(batch.attention_mask.sum())
+                losses.append(step_loss)
+                bar.set_postfix(loss=f"{step_loss:.3f}")
+    finally:
+        regularisers.remove()
+        model.eval()
+    if not all(torch.isfinite(p).all() for p in params):
+        raise TrainingDiverged("adapter weights became NaN or infinite; lower the learning rate")
+    return TrainResult(losses, tokens, time.perf_counter() - start, regularisers.dropped)
+
+
+def dataset_hash(tasks: list[Task]) -> str:
+    """One hash for the tasks an adapter was trained on, from each task's content hash."""
+    joined = "|".join(f"{t.name}:{t.content_hash}" for t in sorted(tasks, key=lambda t: t.name))
+    return "sha256:" + hashlib.sha256(joined.encode()).hexdigest()
+
+
+def train_adapter(base_model, tokenizer, base: BaseInfo, tasks: list[Task], method: MethodConfig,
+                  config: TrainConfig, out: str | Path, progress: bool = True):
+    """Train one adapter on ``tasks`` (mixed), evaluate it on their eval sets, save it to ``out``.
+
+    Returns (adapted model, manifest, train result). The base model is wrapped in place; unload
+    the adapter with ``transfer.unload_adapter`` to reuse the base.
+    """
+    set_seed(config.seed)  # the adapter's initial weights come from this seed too
+    model = get_method(method.name).attach(base_model, method)
+    examples = [ex for task in tasks for ex in task.train]
+    result = train_loop(model, tokenizer, examples, config, progress)
+    metrics = {task.name: evaluate(model, tokenizer, list(task.eval)).as_dict() for task in tasks}
+    manifest = Manifest(
+        method=method, base=base, tasks=tuple(t.name for t in tasks), dataset_hash=dataset_hash(tasks),
+        p_i=config.p_i, p_c=config.p_c, seed=config.seed, targets=adapted_targets(model),
+        training={**asdict(config), "final_loss": result.losses[-1], "tokens": result.tokens,
+                  "seconds": round(result.seconds, 2), "ffn_dropped": result.ffn_dropped,
+                  "loss_curve": [round(x, 5) for x in result.losses]},
+        metrics=metrics, library_versions=library_versions(),
+    )
+    save_adapter(model, out, manifest)
+    return model, manifest, result

@@ -102,3 +102,32 @@ def generate_flags(model, tokenizer, examples: list[Example]) -> list[bool]:
     finally:
         model.train(was_training)
     return flags
+
+
+def evaluate_adapters(base_model, tokenizer, base, adapter_dirs, tasks, batch_size: int = 32,
+                      progress: bool = False) -> dict[str, dict]:
+    """Evaluate many adapters on one base loaded once (hot swap).
+
+    Each adapter is scored on the tasks it was trained on (all ``tasks`` if none of them match).
+    A failing adapter gets ``{"error": ...}`` and never stops the others.
+    """
+    from tqdm.auto import tqdm
+
+    from .adapters import AdapterFileError, read_manifest
+    from .transfer import IncompatibleBase, load_adapter, unload_adapter
+
+    results = {}
+    for directory in tqdm(adapter_dirs, desc="evaluate", unit="adapter", disable=not progress, leave=False):
+        try:
+            manifest = read_manifest(directory)
+            model = load_adapter(base_model, base, directory)
+        except (AdapterFileError, IncompatibleBase) as e:
+            results[str(directory)] = {"error": str(e)}
+            continue
+        own = [t for t in tasks if t.name in manifest.tasks] or list(tasks)
+        try:
+            results[str(directory)] = {t.name: evaluate(model, tokenizer, list(t.eval), batch_size).as_dict()
+                                       for t in own}
+        finally:
+            base_model = unload_adapter(model, manifest.method.name)
+    return results

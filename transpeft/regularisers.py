@@ -68,9 +68,20 @@ def _is_attention(name: str, module: nn.Module) -> bool:
 
 
 def _down_projection(ffn: nn.Module, hidden: int) -> nn.Module | None:
-    """The FFN's down projection: the one linear child mapping some width back to ``hidden``."""
-    shapes = {name: linear_shape(child) for name, child in ffn.named_children()}
-    shapes = {name: s for name, s in shapes.items() if s is not None}
+    """The FFN's down projection: the one linear child mapping some width back to ``hidden``.
+
+    An FFN is position-wise: its weights are all in linear children (no convolutions, no state
+    parameters of its own as in Mamba's mixer, no expert lists as in MoE blocks).
+    """
+    if any(True for _ in ffn.parameters(recurse=False)):
+        return None
+    shapes = {}
+    for name, child in ffn.named_children():
+        shape = linear_shape(child)
+        if shape is None and any(True for _ in child.parameters()):
+            return None
+        if shape is not None:
+            shapes[name] = shape
     into_hidden = [name for name, (i, o) in shapes.items() if o == hidden and i != hidden]
     from_hidden = [name for name, (i, o) in shapes.items() if i == hidden and o != hidden]
     if len(into_hidden) != 1 or not from_hidden:
@@ -140,7 +151,7 @@ class Regularisers:
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {p}")
         self.p_i, self.p_c = p_i, p_c
-        self.sites = find_ffn_sites(model)
+        self.sites = find_ffn_sites(model) if (p_i or p_c) else []  # p = 0: any model, no hooks
         self._seed = seed
         self._drop_rng = torch.Generator().manual_seed(seed)
         self._mask_rngs: dict[torch.device, torch.Generator] = {}

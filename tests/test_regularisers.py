@@ -1,0 +1,160 @@
+"""Trans-PEFT's regularisers against the reference description, on every supported architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from conftest import ARCHS, VOCAB, tiny_model
+from transpeft import bottleneck
+from transpeft.regularisers import NoFFNFound, attach_regularisers, find_ffn_sites, linear_shape, unwrap
+
+# No dropout anywhere, so that train mode differs from eval mode only by the regularisers.
+NO_DROPOUT = dict(attention_dropout=0.0, hidden_dropout=0.0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def model_for(arch: str, seed: int = 0):
+    config_keys = AutoConfig.for_model(arch).to_dict()
+    return tiny_model(arch, seed=seed, **{k: v for k, v in NO_DROPOUT.items() if k in config_keys})
+
+
+def tokens(batch: int = 4, length: int = 24, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def ffn_linears(model) -> list[nn.Module]:
+    return [m for site in find_ffn_sites(model) for m in unwrap(site.slot).modules() if linear_shape(m)]
+
+
+class ZeroFFN(nn.Module):
+    def forward(self, x, *args, **kwargs):
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_masked_fraction_matches_p_i_without_rescaling(arch):
+    model = model_for(arch).train()
+    site = find_ffn_sites(model)[0]
+    seen = {}
+    site.down_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("before", a[0].detach().clone()))
+    handle = attach_regularisers(model, p_i=0.3, seed=1)
+    site.down_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("after", a[0].detach().clone()))
+    model(tokens(batch=8, length=64))
+    before, after = seen["before"], seen["after"]
+    live = before != 0
+    zeroed = (after[live] == 0).float().mean().item()
+    assert abs(zeroed - 0.3) < 0.02, zeroed  # 8 * 64 * 64 elements: the binomial sd is about 0.002
+    kept = after != 0
+    assert torch.equal(after[kept], before[kept])  # no 1 / (1 - p) rescaling
+    handle.remove()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dropping_every_ffn_equals_model_without_ffns_and_never_touches_their_weights(arch):
+    model = model_for(arch).train()
+    calls = []
+    for linear in ffn_linears(model):
+        linear.register_forward_hook(lambda *a: calls.append(1))
+    with attach_regularisers(model, p_c=1.0) as regs:
+        out = model(tokens()).logits
+        out.sum().backward()
+        assert regs.dropped == len(regs.sites)
+    assert calls == []  # not computed at all, not multiplied by zero
+    assert all(p.grad is None for linear in ffn_linears(model) for p in linear.parameters())
+
+    reference = model_for(arch).train()
+    for site in find_ffn_sites(reference):
+        setattr(site.layer, site.slot_name, ZeroFFN())
+    torch.testing.assert_close(out, reference(tokens()).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_eval_mode_is_bit_identical_to_the_model_without_regularisers(arch):
+    model = model_for(arch).eval()
+    plain = model(tokens()).logits
+    with attach_regularisers(model, p_i=0.5, p_c=0.5, seed=3):
+        assert torch.equal(model(tokens()).logits, plain)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_remove_restores_the_model_exactly(arch):
+    model = model_for(arch).train()
+    plain = model(tokens()).logits
+    handle = attach_regularisers(model, p_i=0.5, p_c=0.5, seed=3)
+    assert not torch.equal(model(tokens()).logits, plain)
+    handle.remove()
+    assert torch.equal(model(tokens()).logits, plain)
+    assert all("forward" not in site.slot.__dict__ for site in find_ffn_sites(model))
+
+
+def test_one_drop_draw_per_layer_per_forward_at_rate_p_c():
+    model = model_for("llama").train()
+    forwards = 200
+    with attach_regularisers(model, p_c=0.25, seed=0) as regs:
+        for _ in range(forwards):
+            model(tokens(batch=1, length=4))
+    rate = regs.dropped / (forwards * len(regs.sites))
+    assert abs(rate - 0.25) < 0.05, rate  # 400 draws: sd about 0.022
+
+
+def test_same_seed_same_masks_and_drops_other_seed_differs():
+    def run(seed):
+        model = model_for("llama").train()
+        with attach_regularisers(model, p_i=0.2, p_c=0.3, seed=seed):
+            return [model(tokens(seed=i)).logits for i in range(3)]
+
+    first, again, other = run(7), run(7), run(8)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+
+
+@pytest.mark.parametrize("variant", ["serial", "parallel"])
+def test_bottleneck_after_the_ffn_still_runs_when_the_ffn_is_dropped(variant):
+    model = model_for("llama").train()
+    bottleneck.attach(model, bottleneck.BottleneckConfig(bottleneck_size=8, variant=variant, sublayers=("ffn",)))
+    for name, param in model.named_parameters():
+        if ".adapter.up." in name:  # zero-initialised: give it a value so its output shows
+            nn.init.normal_(param, std=0.5)
+    mlp_calls = []
+    for linear in ffn_linears(model):
+        linear.register_forward_hook(lambda *a: mlp_calls.append(1))
+    with attach_regularisers(model, p_c=1.0):
+        with_adapter = model(tokens()).logits
+        with_adapter.sum().backward()
+    assert mlp_calls == []
+    adapter_grads = [p.grad for n, p in model.named_parameters() if ".adapter." in n]
+    assert adapter_grads and all(g is not None and g.abs().sum() > 0 for g in adapter_grads)
+
+    bottleneck.detach(model)
+    with attach_regularisers(model, p_c=1.0):
+        without_adapter = model(tokens()).logits
+    assert not torch.allclose(with_adapter, without_adapter)
+
+
+def test_masking_reaches_a_lora_wrapped_down_projection():
+    """Masking hooks the outermost down projection, so the LoRA branch sees the mask too."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model_for("llama"), LoraConfig(r=4, target_modules=["down_proj"])).train()
+    site = find_ffn_sites(model)[0]
+    assert type(site.down_proj).__module__.startswith("peft")
+    seen = {}
+    site.down_proj.base_layer.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    with attach_regularisers(model, p_i=0.5):
+        model(tokens())
+    assert (seen["x"] == 0).float().mean() > 0.4
+
+
+def test_model_without_an_ffn_is_refused_clearly():
+    config = AutoConfig.for_model("mamba", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=4)
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(NoFFNFound, match="no decoder layers with a feed-forward"):
+        attach_regularisers(model, p_c=0.1)
+    attach_regularisers(model).remove()  # p_i = p_c = 0 needs no FFN
+
+
+def test_probabilities_outside_unit_interval_are_refused():
+    with pytest.raises(ValueError, match="p_c must be in"):
+        attach_regularisers(model_for("llama"), p_c=1.5)

@@ -1,0 +1,98 @@
+"""The one training loop: answer-only loss, schedule, reproducibility, NaN guard, atomic saves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import base_info, char_tokenizer, copy_task, tiny_model
+from transpeft import methods
+from transpeft.batching import IGNORE, collate, encode
+from transpeft.data import Example
+from transpeft.methods import MethodConfig, get_method
+from transpeft.train import TrainConfig, TrainingDiverged, train_adapter, train_loop
+
+
+def run(tmp_path, name="a", **overrides):
+    tok = char_tokenizer()
+    base = tiny_model("llama")
+    config = TrainConfig(**{"steps": 6, "batch_size": 8, "lr": 2e-2, **overrides})
+    return train_adapter(base, tok, base_info(base, tok), [copy_task(32, 8)], MethodConfig(r=4), config,
+                         tmp_path / name, progress=False)
+
+
+def test_loss_covers_the_answer_and_eos_only():
+    tok = char_tokenizer()
+    enc = encode(tok, Example("copy ab >", "ab"))
+    batch = collate([enc, encode(tok, Example("copy abcd >", "abcd"))], pad_id=tok.pad_token_id)
+    scored = batch.labels[0][batch.labels[0] != IGNORE].tolist()
+    assert tok.decode(scored) == "ab" + tok.eos_token
+    assert batch.labels[0, : enc.answer_start].eq(IGNORE).all()  # bos and prompt are not scored
+    assert batch.labels[0, len(enc.ids):].eq(IGNORE).all()  # padding is not scored
+
+
+def test_training_is_reproducible_and_learns(tmp_path):
+    model_a, _, first = run(tmp_path, "a", steps=25)
+    model_b, _, again = run(tmp_path, "b", steps=25)
+    assert first.losses == again.losses
+    assert all(torch.equal(a, b) for a, b in zip(get_method("lora").adapter_state(model_a).values(),
+                                                 get_method("lora").adapter_state(model_b).values()))
+    assert sum(first.losses[-5:]) < 0.8 * sum(first.losses[:5])
+    _, _, other = run(tmp_path, "c", steps=25, seed=1)
+    assert other.losses != first.losses
+
+
+def test_warmup_then_cosine_schedule_and_gradient_accumulation(tmp_path, monkeypatch):
+    seen = []
+    original = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    _, _, result = run(tmp_path, steps=10, warmup=0.2, lr=1e-2, grad_accum=2)
+    assert len(result.losses) == 10 and len(seen) == 10  # one optimizer step per 2 micro-batches
+    assert seen[0] == pytest.approx(0.0) and seen[1] == pytest.approx(5e-3) and seen[2] == pytest.approx(1e-2)
+    assert all(a >= b for a, b in zip(seen[2:], seen[3:]))  # cosine decay after warm-up
+
+
+def test_nan_loss_stops_with_a_clear_error_and_saves_nothing(tmp_path):
+    with pytest.raises(TrainingDiverged, match="lower the learning rate"):
+        run(tmp_path, "diverged", lr=1e30, steps=20)
+    assert not any(tmp_path.iterdir())  # no adapter that looks trained, no partial folder
+
+
+def test_a_crash_while_saving_keeps_the_previous_adapter(tmp_path, monkeypatch):
+    run(tmp_path, "adapter")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "adapter").iterdir()}
+
+    def crash(model, directory):
+        (directory / "adapter_model.safetensors").write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setitem(methods.METHODS, "lora", methods.Method(**{**methods.METHODS["lora"].__dict__, "save": crash}))
+    with pytest.raises(OSError, match="disk full"):
+        run(tmp_path, "adapter", seed=5)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "adapter").iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no staging leftovers
+
+
+@pytest.mark.parametrize("field,value", [("p_i", 1.0), ("p_c", -0.1), ("p_c", 1.0), ("steps", 0), ("precision", "fp8")])
+def test_bad_training_settings_are_refused(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
+
+
+def test_empty_training_set_is_refused():
+    tok = char_tokenizer()
+    model = get_method("lora").attach(tiny_model("llama"), MethodConfig(r=2))
+    with pytest.raises(ValueError, match="dataset is empty"):
+        train_loop(model, tok, [], TrainConfig(steps=1))
+
+
+def test_a_model_without_an_adapter_is_refused():
+    model = tiny_model("llama")
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="attach a PEFT method first"):
+        train_loop(model, char_tokenizer(), list(copy_task(8, 1).train), TrainConfig(steps=1))

@@ -1,0 +1,131 @@
+"""The transfer contract: an adapter lands on a base whole, or is refused with the reason named."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import base_info, char_tokenizer, copy_task, tiny_model
+from transpeft.adapters import MANIFEST_NAME, WEIGHTS_NAME, AdapterFileError, Manifest, _sha256
+from transpeft.methods import MethodConfig
+from transpeft.train import TrainConfig, train_adapter
+from transpeft.transfer import IncompatibleBase, load_adapter
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    """A LoRA adapter on q/v of a tiny Llama (seed 0), and that base's info."""
+    tok = char_tokenizer()
+    info = base_info(tiny_model("llama"), tok)
+    out = tmp_path_factory.mktemp("adapters") / "lora"
+    train_adapter(tiny_model("llama"), tok, info, [copy_task(16, 4)],
+                  MethodConfig(r=4, target_modules=("q_proj", "v_proj")), TrainConfig(steps=2, batch_size=8),
+                  out, progress=False)
+    return out, info
+
+
+def refusal(model, tokenizer, directory) -> str:
+    with pytest.raises(IncompatibleBase) as caught:
+        load_adapter(model, base_info(model, tokenizer, version="v2"), directory)
+    return str(caught.value)
+
+
+def test_transfer_to_a_newer_base_of_the_same_shape_loads(adapter):
+    directory, _ = adapter
+    newer = tiny_model("llama", seed=1)  # other weights, same architecture and tokenizer
+    model = load_adapter(newer, base_info(newer, char_tokenizer(), version="v2"), directory)
+    assert sum(1 for n, _ in model.named_modules() if n.endswith("lora_A")) == 4
+
+
+def test_other_architecture_is_refused(adapter):
+    assert "architecture: adapter was trained on LlamaForCausalLM" in refusal(
+        tiny_model("qwen2"), char_tokenizer(), adapter[0])
+
+
+def test_other_hidden_size_is_refused(adapter):
+    message = refusal(tiny_model("llama", hidden_size=48), char_tokenizer(), adapter[0])
+    assert "hidden size: adapter expects 32, base has 48" in message
+    assert "target module model.layers.0.self_attn.q_proj: adapter expects (in, out) = (32, 32)" in message
+
+
+def test_other_layer_count_is_refused(adapter):
+    assert "layer count: adapter expects 2, base has 3" in refusal(
+        tiny_model("llama", num_hidden_layers=3), char_tokenizer(), adapter[0])
+
+
+def test_other_tokenizer_vocabulary_is_refused(adapter):
+    tok = char_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<sep>"]})
+    assert "tokenizer: the base's vocabulary" in refusal(tiny_model("llama"), tok, adapter[0])
+
+
+def test_missing_target_module_is_refused(adapter, tmp_path):
+    directory, info = adapter
+    forged = tmp_path / "forged"
+    forged.mkdir()
+    for f in directory.iterdir():
+        (forged / f.name).write_bytes(f.read_bytes())
+    manifest = Manifest.from_json((forged / MANIFEST_NAME).read_text())
+    targets = {**manifest.targets, "model.layers.0.self_attn.qkv_proj": [32, 96]}
+    (forged / MANIFEST_NAME).write_text(Manifest(**{**manifest.__dict__, "targets": targets}).to_json())
+    assert "target module model.layers.0.self_attn.qkv_proj: not present" in refusal(
+        tiny_model("llama"), char_tokenizer(), forged)
+
+
+def test_a_saved_weight_that_matches_no_module_is_an_error_not_a_warning(adapter, tmp_path):
+    directory, _ = adapter
+    forged = tmp_path / "extra"
+    forged.mkdir()
+    for f in directory.iterdir():
+        (forged / f.name).write_bytes(f.read_bytes())
+    weights = load_file(str(forged / WEIGHTS_NAME))
+    weights["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"] = torch.zeros(4, 32)
+    save_file(weights, str(forged / WEIGHTS_NAME))
+    manifest = Manifest.from_json((forged / MANIFEST_NAME).read_text())
+    stamped = Manifest(**{**manifest.__dict__, "weights_sha256": _sha256(forged / WEIGHTS_NAME)})
+    (forged / MANIFEST_NAME).write_text(stamped.to_json())
+    base = tiny_model("llama")
+    assert "saved weights matched no module of the base" in refusal(base, char_tokenizer(), forged)
+    assert not any("lora" in n for n, _ in base.named_modules())  # the refused load left the base clean
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda d: (d / MANIFEST_NAME).unlink(), "transpeft.json is missing"),
+    (lambda d: (d / WEIGHTS_NAME).unlink(), "adapter_model.safetensors is missing"),
+    (lambda d: (d / "adapter_config.json").unlink(), "adapter_config.json is missing"),
+    (lambda d: (d / MANIFEST_NAME).write_text("{not json"), "transpeft.json is unreadable"),
+    (lambda d: (d / WEIGHTS_NAME).write_bytes((d / WEIGHTS_NAME).read_bytes()[:40]), "is corrupt"),
+    (lambda d: (d / WEIGHTS_NAME).write_bytes(_flip_last_byte((d / WEIGHTS_NAME).read_bytes())),
+     "does not match the checksum"),
+])
+def test_missing_or_corrupt_adapter_files_are_refused(adapter, tmp_path, damage, match):
+    directory, info = adapter
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in directory.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    damage(copy)
+    with pytest.raises(AdapterFileError, match=match):
+        load_adapter(tiny_model("llama"), info, copy)
+
+
+def _flip_last_byte(data: bytes) -> bytes:
+    return data[:-1] + bytes([data[-1] ^ 0xFF])
+
+
+def test_missing_adapter_folder_is_refused(tmp_path):
+    with pytest.raises(AdapterFileError, match="no such folder"):
+        load_adapter(tiny_model("llama"), base_info(tiny_model("llama"), char_tokenizer()), tmp_path / "nope")
+
+
+def test_manifest_records_base_data_method_and_versions(adapter):
+    directory, info = adapter
+    raw = json.loads((directory / MANIFEST_NAME).read_text())
+    assert raw["base"]["fingerprint"] == info.fingerprint and raw["base"]["fingerprint"].startswith("sha256:")
+    assert raw["dataset_hash"].startswith("sha256:") and raw["tasks"] == ["copy"]
+    assert raw["method"]["name"] == "lora" and raw["p_i"] == 0.0 and raw["p_c"] == 0.0 and raw["seed"] == 0
+    assert set(raw["library_versions"]) >= {"torch", "transformers", "peft", "accelerate", "transpeft"}
+    assert raw["metrics"]["copy"]["n"] == 4

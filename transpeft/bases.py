@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 # Config fields that say where or how a model was saved, not what it computes.
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures"}
@@ -120,6 +121,7 @@ def load_base(ref: BaseRef, dtype: torch.dtype = torch.float32, device: str | No
     if not ref.is_local and ref.revision is None:
         raise BaseLoadError(f"base {ref.source!r}: no such directory; for a hub model give its id "
                             "and pin a revision (commit hash or tag)")
+    hf_logging.disable_progress_bar()  # a per-tensor bar for a small model is noise; ours show the long steps
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref.source, revision=ref.revision)
         model = AutoModelForCausalLM.from_pretrained(ref.source, revision=ref.revision, dtype=dtype,

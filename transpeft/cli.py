@@ -1,0 +1,316 @@
+"""The ``transpeft`` command line: thin wrappers over the library, JSON output on request.
+
+    transpeft bases build-demo --profile demo --out demo/bases
+    transpeft data build-demo --out demo/data
+    transpeft train --base demo/bases/v1 --data demo/data --p-c 0.1 --out adapters/tp-v1
+    transpeft evaluate --base demo/bases/v1 --data demo/data adapters/tp-v1
+    transpeft transfer adapters/tp-v1 --from demo/bases/v1 --to demo/bases/v2 --data demo/data
+    transpeft demo --profile demo --out demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+EXIT_ERROR, EXIT_INCOMPATIBLE = 2, 3
+
+
+def _examples(*lines: str) -> str:
+    return "example:\n  " + "\n  ".join(lines)
+
+
+def _parser(name: str, sub, help: str, *examples: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=help, epilog=_examples(*examples),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _add_base(p: argparse.ArgumentParser, flag: str = "--base", required: bool = True, what: str = "base") -> None:
+    dest = flag.lstrip("-").replace("-", "_")
+    p.add_argument(flag, dest=dest, required=required, metavar="DIR_OR_HUB_ID",
+                   help=f"{what}: a local model directory, or a hub id (then pin --{dest.replace('_', '-')}-revision)")
+    p.add_argument(f"{flag}-revision", dest=f"{dest}_revision", help=f"commit or tag of a hub {what}")
+    p.add_argument(f"{flag}-family", dest=f"{dest}_family", help="family name (default: the parent directory)")
+    p.add_argument(f"{flag}-version", dest=f"{dest}_version", help="version name (default: the directory name)")
+
+
+def _base_ref(args, dest: str = "base"):
+    from .bases import BaseRef
+
+    return BaseRef(getattr(args, dest), getattr(args, f"{dest}_revision"),
+                   getattr(args, f"{dest}_family"), getattr(args, f"{dest}_version"))
+
+
+def _add_json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+
+
+def _add_dataclass_flags(p: argparse.ArgumentParser, cls, skip=()) -> None:
+    """One --flag per dataclass field, with the field's help text and default."""
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = type(f.default) if f.default is not None else str
+        help_text = f.metadata.get("help", "") + f" (default: {f.default})"
+        if f.name == "target_modules":
+            p.add_argument(flag, type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
+                           help=help_text + "; comma-separated")
+        else:
+            p.add_argument(flag, type=kind, default=f.default, help=help_text)
+
+
+def _from_args(cls, args, **renamed):
+    values = {f.name: getattr(args, renamed.get(f.name, f.name)) for f in fields(cls)
+              if hasattr(args, renamed.get(f.name, f.name))}
+    return cls(**values)
+
+
+def _emit(args, payload: dict, text: str) -> None:
+    print(json.dumps(payload, indent=2, default=str) if args.json else text)
+
+
+def _metrics_table(rows: dict[str, dict], columns=("exact_match", "token_accuracy", "answer_loss")) -> str:
+    lines = [f"{'task':<14}" + "".join(f"{c:>16}" for c in columns)]
+    for task, metrics in rows.items():
+        lines.append(f"{task:<14}" + "".join(f"{metrics[c]:>16.3f}" for c in columns))
+    return "\n".join(lines)
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def cmd_bases_build_demo(args) -> int:
+    from .demo.family import build_demo_family
+
+    summary = build_demo_family(Path(args.out), profile=args.profile, progress=not args.json)
+    _emit(args, summary, f"built demo base family ({args.profile}) in {args.out}: v1, v2, v3")
+    return 0
+
+
+def cmd_bases_fingerprint(args) -> int:
+    from .bases import load_base
+
+    _, _, info = load_base(_base_ref(args))
+    _emit(args, info.as_dict(), f"{info.family}/{info.version}  {info.fingerprint}")
+    return 0
+
+
+def cmd_data_build_demo(args) -> int:
+    from .demo.tasks import build_demo_tasks
+
+    names = build_demo_tasks(Path(args.out), seed=args.seed, n_train=args.n_train, n_eval=args.n_eval)
+    _emit(args, {"tasks": names, "out": args.out}, f"wrote {len(names)} tasks to {args.out}: {', '.join(names)}")
+    return 0
+
+
+def cmd_data_validate(args) -> int:
+    from .data import load_tasks
+
+    tasks = load_tasks(args.data, args.tasks)
+    payload = {t.name: {"kind": t.kind, "train": len(t.train), "eval": len(t.eval), "hash": t.content_hash}
+               for t in tasks}
+    text = "\n".join(f"{n:<14} {v['kind']:<13} train {v['train']:>6}  eval {v['eval']:>5}  ok"
+                     for n, v in payload.items())
+    _emit(args, payload, text)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .bases import load_base
+    from .data import load_tasks
+    from .methods import MethodConfig
+    from .train import TrainConfig, train_adapter
+
+    method = _from_args(MethodConfig, args, name="method")
+    config = _from_args(TrainConfig, args)
+    tasks = load_tasks(args.data, args.tasks)
+    model, tokenizer, base = load_base(_base_ref(args))
+    _, manifest, result = train_adapter(model, tokenizer, base, tasks, method, config, args.out, progress=not args.json)
+    payload = {"adapter": args.out, "base": f"{base.family}/{base.version}", "metrics": manifest.metrics,
+               "final_loss": result.losses[-1], "seconds": round(result.seconds, 1),
+               "tokens_per_second": round(result.tokens_per_second)}
+    _emit(args, payload, f"saved {args.out} (trained on {payload['base']}, {payload['seconds']} s)\n"
+                         + _metrics_table(manifest.metrics))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .bases import load_base
+    from .data import load_tasks
+    from .evaluate import evaluate_adapters
+
+    tasks = load_tasks(args.data, args.tasks)
+    model, tokenizer, base = load_base(_base_ref(args))
+    results = evaluate_adapters(model, tokenizer, base, [Path(a) for a in args.adapters], tasks,
+                                batch_size=args.batch_size, progress=not args.json)
+    text = []
+    for adapter, rows in results.items():
+        text.append(f"== {adapter} on {base.family}/{base.version}")
+        text.append(f"error: {rows['error']}" if "error" in rows else _metrics_table(rows))
+    _emit(args, {"base": base.as_dict(), "results": results}, "\n".join(text))
+    return EXIT_ERROR if any("error" in r for r in results.values()) else 0
+
+
+def cmd_transfer(args) -> int:
+    from .adapters import read_manifest
+    from .bases import load_base
+    from .data import load_tasks
+    from .evaluate import evaluate
+    from .transfer import IncompatibleBase, load_adapter
+
+    manifest = read_manifest(args.adapter)
+    tasks = [t for t in load_tasks(args.data) if t.name in manifest.tasks] or load_tasks(args.data)
+    old = manifest.metrics
+    old_label = f"{manifest.base.family}/{manifest.base.version} (recorded at training)"
+    if args.from_:
+        model, tokenizer, base = load_base(_base_ref(args, "from_"))
+        adapted = load_adapter(model, base, args.adapter)
+        old = {t.name: evaluate(adapted, tokenizer, list(t.eval)).as_dict() for t in tasks}
+        old_label = f"{base.family}/{base.version}"
+    model, tokenizer, target = load_base(_base_ref(args, "to"))
+    try:
+        adapted = load_adapter(model, target, args.adapter)
+    except IncompatibleBase as e:
+        _emit(args, {"verdict": "incompatible", "mismatches": e.mismatches}, f"incompatible: {e}")
+        return EXIT_INCOMPATIBLE
+    new = {t.name: evaluate(adapted, tokenizer, list(t.eval)).as_dict() for t in tasks}
+    new_label = f"{target.family}/{target.version}"
+    rows = {t: {"old": old[t]["exact_match"], "new": new[t]["exact_match"],
+                "retention": new[t]["exact_match"] / old[t]["exact_match"] if old[t]["exact_match"] else None}
+            for t in new if t in old}
+    lines = [f"compatibility: ok ({manifest.method.name} adapter from {old_label} onto {new_label})",
+             f"{'task':<14}{'old EM':>10}{'new EM':>10}{'retention':>11}"]
+    for task, r in rows.items():
+        retention = f"{r['retention']:.2f}" if r["retention"] is not None else "-"
+        lines.append(f"{task:<14}{r['old']:>10.3f}{r['new']:>10.3f}{retention:>11}")
+    _emit(args, {"verdict": "compatible", "old_base": old_label, "new_base": new_label, "old": old, "new": new,
+                 "exact_match": rows}, "\n".join(lines))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo.compare import format_table, run_comparison
+
+    result = run_comparison(Path(args.out), profile=args.profile, progress=not args.json)
+    _emit(args, result, format_table(result))
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .methods import MethodConfig
+    from .train import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="transpeft", description="Train, transfer and evaluate PEFT adapters across base model updates (Trans-PEFT).",
+                                     epilog=_examples("transpeft demo --profile demo --out demo"),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    bases = _parser("bases", sub, "base models: build the demo family, fingerprint a base",
+                    "transpeft bases build-demo --profile test --out demo/bases")
+    bases_sub = bases.add_subparsers(dest="bases_command", required=True)
+    p = _parser("build-demo", bases_sub, "build the demo base family v1 (pretrained), v2 and v3 (updated)",
+                "transpeft bases build-demo --profile demo --out demo/bases")
+    p.add_argument("--profile", choices=("test", "demo"), default="demo",
+                   help="test: seconds, for tests; demo: a few minutes on 2 CPU cores")
+    p.add_argument("--out", required=True, help="directory to write v1/, v2/, v3/ and family.json to")
+    _add_json(p)
+    p.set_defaults(func=cmd_bases_build_demo)
+    p = _parser("fingerprint", bases_sub, "print a base's family, version and fingerprint",
+                "transpeft bases fingerprint --base demo/bases/v2 --json")
+    _add_base(p)
+    _add_json(p)
+    p.set_defaults(func=cmd_bases_fingerprint)
+
+    data = _parser("data", sub, "task data: build the demo tasks, validate a data folder",
+                   "transpeft data validate demo/data")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    p = _parser("build-demo", data_sub, "write the demo tasks as JSONL train/eval splits",
+                "transpeft data build-demo --out demo/data")
+    p.add_argument("--out", required=True, help="directory to write one folder per task to")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-train", type=int, help="training rows per task (default: the demo's own size)")
+    p.add_argument("--n-eval", type=int, help="evaluation rows per task (default: the demo's own size)")
+    _add_json(p)
+    p.set_defaults(func=cmd_data_build_demo)
+    p = _parser("validate", data_sub, "check every row of every task; bad rows are named by file and line",
+                "transpeft data validate demo/data --tasks reverse,sort")
+    p.add_argument("data", help="folder of task folders")
+    _add_tasks(p)
+    _add_json(p)
+    p.set_defaults(func=cmd_data_validate)
+
+    p = _parser("train", sub, "fine-tune one adapter with Trans-PEFT on one or more tasks",
+                "transpeft train --base demo/bases/v1 --data demo/data --p-c 0.1 --out adapters/tp-v1",
+                "transpeft train --base Qwen/Qwen2-0.5B --base-revision <commit> --data my-tasks \\",
+                "    --method dora --r 8 --target-modules q_proj,v_proj --out adapters/support-v1")
+    _add_base(p)
+    p.add_argument("--data", required=True, help="folder of task folders")
+    _add_tasks(p)
+    p.add_argument("--out", required=True, help="adapter folder to write (replaced atomically)")
+    p.add_argument("--method", default="lora", help="PEFT method: lora, dora, ia3, bottleneck (default: lora)")
+    _add_dataclass_flags(p, MethodConfig, skip=("name",))
+    _add_dataclass_flags(p, TrainConfig)
+    _add_json(p)
+    p.set_defaults(func=cmd_train)
+
+    p = _parser("evaluate", sub, "score adapters on a base loaded once (exact match, token accuracy, loss)",
+                "transpeft evaluate --base demo/bases/v2 --data demo/data adapters/plain-v1 adapters/tp-v1")
+    _add_base(p)
+    p.add_argument("--data", required=True, help="folder of task folders")
+    _add_tasks(p)
+    p.add_argument("adapters", nargs="+", help="adapter folders")
+    p.add_argument("--batch-size", type=int, default=32)
+    _add_json(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = _parser("transfer", sub, "put an adapter on a new base: compatibility verdict, old vs new metric",
+                "transpeft transfer adapters/tp-v1 --from demo/bases/v1 --to demo/bases/v2 --data demo/data")
+    p.add_argument("adapter", help="adapter folder")
+    _add_base(p, "--to", what="new base")
+    _add_base(p, "--from", required=False, what="old base (default: the metrics recorded at training)")
+    p.add_argument("--data", required=True, help="folder of task folders")
+    _add_json(p)
+    p.set_defaults(func=cmd_transfer)
+
+    p = _parser("demo", sub, "build the demo family and tasks, then compare plain and Trans-PEFT adapters across "
+                             "the v1 -> v2 update", "transpeft demo --profile demo --out demo")
+    p.add_argument("--profile", choices=("test", "demo"), default="demo")
+    p.add_argument("--out", default="demo", help="working directory (reused when run again)")
+    _add_json(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _add_tasks(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", type=lambda s: [x for x in s.split(",") if x],
+                   help="comma-separated task names (default: every task in the folder)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .adapters import AdapterFileError
+    from .bases import BaseLoadError
+    from .data import DataError
+    from .regularisers import NoFFNFound
+    from .train import TrainingDiverged
+    from .transfer import IncompatibleBase
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except IncompatibleBase as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_INCOMPATIBLE
+    except (AdapterFileError, BaseLoadError, DataError, NoFFNFound, TrainingDiverged, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

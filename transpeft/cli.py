@@ -28,10 +28,10 @@ def _parser(name: str, sub, help: str, *examples: str) -> argparse.ArgumentParse
                           formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def _add_base(p: argparse.ArgumentParser, flag: str = "--base", required: bool = True, what: str = "base") -> None:
-    dest = flag.lstrip("-").replace("-", "_")
+def _add_base(p: argparse.ArgumentParser, flag: str = "--base", dest: str = "base", required: bool = True,
+              what: str = "base") -> None:
     p.add_argument(flag, dest=dest, required=required, metavar="DIR_OR_HUB_ID",
-                   help=f"{what}: a local model directory, or a hub id (then pin --{dest.replace('_', '-')}-revision)")
+                   help=f"{what}: a local model directory, or a hub id (then pin {flag}-revision)")
     p.add_argument(f"{flag}-revision", dest=f"{dest}_revision", help=f"commit or tag of a hub {what}")
     p.add_argument(f"{flag}-family", dest=f"{dest}_family", help="family name (default: the parent directory)")
     p.add_argument(f"{flag}-version", dest=f"{dest}_version", help="version name (default: the directory name)")
@@ -166,12 +166,12 @@ def cmd_transfer(args) -> int:
     tasks = [t for t in load_tasks(args.data) if t.name in manifest.tasks] or load_tasks(args.data)
     old = manifest.metrics
     old_label = f"{manifest.base.family}/{manifest.base.version} (recorded at training)"
-    if args.from_:
-        model, tokenizer, base = load_base(_base_ref(args, "from_"))
+    if args.source:
+        model, tokenizer, base = load_base(_base_ref(args, "source"))
         adapted = load_adapter(model, base, args.adapter)
         old = {t.name: evaluate(adapted, tokenizer, list(t.eval)).as_dict() for t in tasks}
         old_label = f"{base.family}/{base.version}"
-    model, tokenizer, target = load_base(_base_ref(args, "to"))
+    model, tokenizer, target = load_base(_base_ref(args, "target"))
     try:
         adapted = load_adapter(model, target, args.adapter)
     except IncompatibleBase as e:
@@ -273,8 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _parser("transfer", sub, "put an adapter on a new base: compatibility verdict, old vs new metric",
                 "transpeft transfer adapters/tp-v1 --from demo/bases/v1 --to demo/bases/v2 --data demo/data")
     p.add_argument("adapter", help="adapter folder")
-    _add_base(p, "--to", what="new base")
-    _add_base(p, "--from", required=False, what="old base (default: the metrics recorded at training)")
+    _add_base(p, "--to", dest="target", what="new base")
+    _add_base(p, "--from", dest="source", required=False, what="old base (default: the metrics recorded at training)")
     p.add_argument("--data", required=True, help="folder of task folders")
     _add_json(p)
     p.set_defaults(func=cmd_transfer)

@@ -1,0 +1,111 @@
+"""The real `transpeft` command line, end to end on the test-profile demo family."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from transpeft.cli import build_parser
+
+COMMANDS = [["bases", "build-demo"], ["bases", "fingerprint"], ["data", "build-demo"], ["data", "validate"],
+            ["train"], ["evaluate"], ["transfer"], ["demo"]]
+
+
+def cli(*args, check=True):
+    done = subprocess.run([sys.executable, "-m", "transpeft.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+    if check and done.returncode != 0:
+        raise AssertionError(f"transpeft {' '.join(map(str, args))} exited {done.returncode}:\n{done.stderr[-3000:]}")
+    return done
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_command_has_help_with_an_example(command, capsys):
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args([*command, "--help"])
+    assert exited.value.code == 0
+    assert "example:\n  transpeft " + command[0] in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    cli("bases", "build-demo", "--profile", "test", "--out", root / "bases", "--json")
+    cli("data", "build-demo", "--out", root / "data", "--n-train", 32, "--n-eval", 8)
+    return root
+
+
+def test_train_evaluate_and_transfer(demo):
+    trained = json.loads(cli("train", "--base", demo / "bases/v1", "--data", demo / "data", "--tasks", "reverse,sort",
+                             "--steps", 3, "--batch-size", 8, "--p-c", 0.1, "--out", demo / "adapter", "--json").stdout)
+    assert set(trained["metrics"]) == {"reverse", "sort"} and trained["base"].endswith("/v1")
+
+    evaluated = json.loads(cli("evaluate", "--base", demo / "bases/v1", "--data", demo / "data", demo / "adapter",
+                               "--json").stdout)
+    assert evaluated["results"][str(demo / "adapter")] == trained["metrics"]
+
+    moved = json.loads(cli("transfer", demo / "adapter", "--from", demo / "bases/v1", "--to", demo / "bases/v2",
+                           "--data", demo / "data", "--json").stdout)
+    assert moved["verdict"] == "compatible" and moved["old"] == trained["metrics"]
+    assert set(moved["exact_match"]) == {"reverse", "sort"}
+
+    text = cli("transfer", demo / "adapter", "--to", demo / "bases/v2", "--data", demo / "data").stdout
+    assert "compatibility: ok" in text and "recorded at training" in text
+
+
+def test_transfer_onto_an_incompatible_base_exits_3_naming_the_mismatch(demo, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+
+    tokenizer = AutoTokenizer.from_pretrained(demo / "bases/v1")
+    other = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2))
+    other.save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    cli("train", "--base", demo / "bases/v1", "--data", demo / "data", "--tasks", "reverse", "--steps", 1,
+        "--out", tmp_path / "adapter", "--json")
+    done = cli("transfer", tmp_path / "adapter", "--to", tmp_path / "gpt2", "--data", demo / "data", "--json",
+               check=False)
+    assert done.returncode == 3
+    assert any(m.startswith("architecture:") for m in json.loads(done.stdout)["mismatches"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tasks", "poetry"], "unknown task poetry"),
+    (["--p-c", "1.0"], "p_c must be in [0, 1)"),
+    (["--p-i", "-0.5"], "p_i must be in [0, 1)"),
+    (["--method", "prefix"], "unknown PEFT method"),
+])
+def test_bad_training_input_exits_2_with_a_clear_message(demo, tmp_path, args, message):
+    done = cli("train", "--base", demo / "bases/v1", "--data", demo / "data", "--out", tmp_path / "a", *args,
+               check=False)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert not (tmp_path / "a").exists()
+
+
+def test_missing_adapter_and_unpinned_hub_base_are_refused(demo, tmp_path):
+    done = cli("evaluate", "--base", demo / "bases/v1", "--data", demo / "data", tmp_path / "nope", check=False)
+    assert done.returncode == 2 and "no such folder" in done.stdout
+    done = cli("train", "--base", "Qwen/Qwen2-0.5B", "--data", demo / "data", "--out", tmp_path / "a", check=False)
+    assert done.returncode == 2 and "pin a revision" in done.stderr
+
+
+def test_empty_dataset_is_refused(demo, tmp_path):
+    (tmp_path / "data/empty").mkdir(parents=True)
+    (tmp_path / "data/empty/train.jsonl").write_text("")
+    (tmp_path / "data/empty/eval.jsonl").write_text("")
+    done = cli("data", "validate", tmp_path / "data", check=False)
+    assert done.returncode == 2 and "train.jsonl: no rows" in done.stderr
+
+
+def test_demo_prints_the_four_arms_per_task(tmp_path):
+    result = json.loads(cli("demo", "--profile", "test", "--out", tmp_path, "--json").stdout)
+    row = result["exact_match"]["reverse"]
+    for arm in ("Fine-tune on v1 (eval v1)", "Direct Transfer v1 -> v2", "Trans-PEFT v1 -> v2",
+                "Fine-tune on v2 (eval v2)"):
+        assert 0.0 <= row[arm] <= 1.0
+    assert len(result["exact_match"]) >= 4
+    assert any(c.startswith("transpeft train") and "--p-c 0.1" in c for c in result["commands"])
+    again = cli("demo", "--profile", "test", "--out", tmp_path, "--json")
+    assert json.loads(again.stdout)["exact_match"] == result["exact_match"]  # reused, not retrained

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -25,6 +26,14 @@ def adapter(tmp_path_factory):
                   MethodConfig(r=4, target_modules=("q_proj", "v_proj")), TrainConfig(steps=2, batch_size=8),
                   out, progress=False)
     return out, info
+
+
+def copy_adapter(source, target, **manifest_changes):
+    """A copy of an adapter folder, its manifest edited (forged adapters for the gate to catch)."""
+    shutil.copytree(source, target)
+    manifest = Manifest.from_json((target / MANIFEST_NAME).read_text())
+    (target / MANIFEST_NAME).write_text(Manifest(**{**manifest.__dict__, **manifest_changes}).to_json())
+    return target
 
 
 def refusal(model, tokenizer, directory) -> str:
@@ -63,30 +72,20 @@ def test_other_tokenizer_vocabulary_is_refused(adapter):
 
 
 def test_missing_target_module_is_refused(adapter, tmp_path):
-    directory, info = adapter
-    forged = tmp_path / "forged"
-    forged.mkdir()
-    for f in directory.iterdir():
-        (forged / f.name).write_bytes(f.read_bytes())
-    manifest = Manifest.from_json((forged / MANIFEST_NAME).read_text())
-    targets = {**manifest.targets, "model.layers.0.self_attn.qkv_proj": [32, 96]}
-    (forged / MANIFEST_NAME).write_text(Manifest(**{**manifest.__dict__, "targets": targets}).to_json())
+    directory, _ = adapter
+    targets = {**Manifest.from_json((directory / MANIFEST_NAME).read_text()).targets,
+               "model.layers.0.self_attn.qkv_proj": [32, 96]}
+    forged = copy_adapter(directory, tmp_path / "forged", targets=targets)
     assert "target module model.layers.0.self_attn.qkv_proj: not present" in refusal(
         tiny_model("llama"), char_tokenizer(), forged)
 
 
 def test_a_saved_weight_that_matches_no_module_is_an_error_not_a_warning(adapter, tmp_path):
-    directory, _ = adapter
-    forged = tmp_path / "extra"
-    forged.mkdir()
-    for f in directory.iterdir():
-        (forged / f.name).write_bytes(f.read_bytes())
-    weights = load_file(str(forged / WEIGHTS_NAME))
+    weights = load_file(str(adapter[0] / WEIGHTS_NAME))
     weights["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"] = torch.zeros(4, 32)
-    save_file(weights, str(forged / WEIGHTS_NAME))
-    manifest = Manifest.from_json((forged / MANIFEST_NAME).read_text())
-    stamped = Manifest(**{**manifest.__dict__, "weights_sha256": _sha256(forged / WEIGHTS_NAME)})
-    (forged / MANIFEST_NAME).write_text(stamped.to_json())
+    save_file(weights, str(tmp_path / "extra.safetensors"))
+    forged = copy_adapter(adapter[0], tmp_path / "extra", weights_sha256=_sha256(tmp_path / "extra.safetensors"))
+    shutil.copy(tmp_path / "extra.safetensors", forged / WEIGHTS_NAME)  # with a checksum that matches it
     base = tiny_model("llama")
     assert "saved weights matched no module of the base" in refusal(base, char_tokenizer(), forged)
     assert not any("lora" in n for n, _ in base.named_modules())  # the refused load left the base clean
@@ -103,10 +102,7 @@ def test_a_saved_weight_that_matches_no_module_is_an_error_not_a_warning(adapter
 ])
 def test_missing_or_corrupt_adapter_files_are_refused(adapter, tmp_path, damage, match):
     directory, info = adapter
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for f in directory.iterdir():
-        (copy / f.name).write_bytes(f.read_bytes())
+    copy = copy_adapter(directory, tmp_path / "copy")
     damage(copy)
     with pytest.raises(AdapterFileError, match=match):
         load_adapter(tiny_model("llama"), info, copy)

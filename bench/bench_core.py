@@ -1,6 +1,6 @@
 """Core benchmarks, measured side by side in one run; writes JSON (default bench/results/core.json).
 
-    python bench/bench_core.py                      # random base of the demo shape, ~3 min on 2 CPU cores
+    python bench/bench_core.py                      # random base of the demo shape, under a minute on 2 CPU cores
     python bench/bench_core.py --base demo/bases/v1 # a real base: a demo version, or any model directory
     python bench/bench_core.py --quick              # seconds, to check the script itself
 

@@ -10,8 +10,9 @@ import pytest
 
 from transpeft.cli import build_parser
 
-COMMANDS = [["bases", "build-demo"], ["bases", "fingerprint"], ["data", "build-demo"], ["data", "validate"],
-            ["train"], ["evaluate"], ["transfer"], ["demo"]]
+COMMANDS = [["bases", "build-demo"], ["bases", "fingerprint"], ["bases", "register"], ["bases", "list"],
+            ["adapters", "list"], ["data", "build-demo"], ["data", "validate"], ["train"], ["evaluate"],
+            ["transfer"], ["demo"]]
 
 
 def cli(*args, check=True):
@@ -49,11 +50,12 @@ def test_train_evaluate_and_transfer(demo):
 
     moved = json.loads(cli("transfer", demo / "adapter", "--from", demo / "bases/v1", "--to", demo / "bases/v2",
                            "--data", demo / "data", "--json").stdout)
-    assert moved["verdict"] == "compatible" and moved["old"] == trained["metrics"]
-    assert set(moved["exact_match"]) == {"reverse", "sort"}
+    outcome = moved["adapters"][str(demo / "adapter")]
+    assert outcome["verdict"] == "compatible" and outcome["old"] == trained["metrics"]
+    assert set(outcome["new"]) == set(outcome["retention"]) == {"reverse", "sort"}
 
     text = cli("transfer", demo / "adapter", "--to", demo / "bases/v2", "--data", demo / "data").stdout
-    assert "compatibility: ok" in text and "recorded at training" in text
+    assert ": compatible (bases/v1 -> bases/v2; old metric recorded at training)" in text
 
 
 def test_transfer_onto_an_incompatible_base_exits_3_naming_the_mismatch(demo, tmp_path):
@@ -68,7 +70,9 @@ def test_transfer_onto_an_incompatible_base_exits_3_naming_the_mismatch(demo, tm
     done = cli("transfer", tmp_path / "adapter", "--to", tmp_path / "gpt2", "--data", demo / "data", "--json",
                check=False)
     assert done.returncode == 3
-    assert any(m.startswith("architecture:") for m in json.loads(done.stdout)["mismatches"])
+    outcome = json.loads(done.stdout)["adapters"][str(tmp_path / "adapter")]
+    assert outcome["verdict"] == "incompatible"
+    assert any(m.startswith("architecture:") for m in outcome["mismatches"])
 
 
 @pytest.mark.parametrize("args,message", [

@@ -129,13 +129,33 @@ def cmd_train(args) -> int:
     config = _from_args(TrainConfig, args)
     tasks = load_tasks(args.data, args.tasks)
     model, tokenizer, base = load_base(_base_ref(args))
+    registry = _registry(args)
+    if registry:  # refuse before spending the training time
+        registry.base(base.family, base.version)
     _, manifest, result = train_adapter(model, tokenizer, base, tasks, method, config, args.out, progress=not args.json)
     payload = {"adapter": args.out, "base": f"{base.family}/{base.version}", "metrics": manifest.metrics,
                "final_loss": result.losses[-1], "seconds": round(result.seconds, 1),
                "tokens_per_second": round(result.tokens_per_second)}
+    if registry:
+        from .tracking import adapter_name
+
+        name = adapter_name(Path(args.out))
+        run_id = registry.log_training(name, Path(args.out), manifest)
+        record = registry.register_adapter(name, Path(args.out), base, "trained", manifest.metrics, run_id)
+        payload["registered"] = {"model": f"adapter-{name}", "version": record.model_version, "run_id": run_id}
     _emit(args, payload, f"saved {args.out} (trained on {payload['base']}, {payload['seconds']} s)\n"
-                         + _metrics_table(manifest.metrics))
+                         + _metrics_table(manifest.metrics)
+                         + (f"\nregistered as adapter-{name} version {record.model_version}" if registry else ""))
     return 0
+
+
+def _registry(args):
+    """The tracking registry when --track was given (checked reachable now), else None."""
+    if not getattr(args, "track", False):
+        return None
+    from .tracking import Registry
+
+    return Registry(args.tracking_uri)
 
 
 def cmd_evaluate(args) -> int:
@@ -147,8 +167,13 @@ def cmd_evaluate(args) -> int:
     model, tokenizer, base = load_base(_base_ref(args))
     results = evaluate_adapters(model, tokenizer, base, [Path(a) for a in args.adapters], tasks,
                                 batch_size=args.batch_size, progress=not args.json)
+    registry = _registry(args)
     text = []
     for adapter, rows in results.items():
+        if registry and "error" not in rows:
+            from .tracking import adapter_name
+
+            registry.log_evaluation(adapter_name(Path(adapter)), base, rows)
         text.append(f"== {adapter} on {base.family}/{base.version}")
         text.append(f"error: {rows['error']}" if "error" in rows else _metrics_table(rows))
     _emit(args, {"base": base.as_dict(), "results": results}, "\n".join(text))
@@ -156,39 +181,75 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_transfer(args) -> int:
-    from .adapters import read_manifest
     from .bases import load_base
     from .data import load_tasks
-    from .evaluate import evaluate
-    from .transfer import IncompatibleBase, load_adapter
+    from .transfer import transfer_fleet
 
-    manifest = read_manifest(args.adapter)
-    tasks = [t for t in load_tasks(args.data) if t.name in manifest.tasks] or load_tasks(args.data)
-    old = manifest.metrics
-    old_label = f"{manifest.base.family}/{manifest.base.version} (recorded at training)"
+    tasks = load_tasks(args.data)
+    registry = _registry(args)
+    old_metrics, old_label = None, "recorded at training"
     if args.source:
         model, tokenizer, base = load_base(_base_ref(args, "source"))
-        adapted = load_adapter(model, base, args.adapter)
-        old = {t.name: evaluate(adapted, tokenizer, list(t.eval)).as_dict() for t in tasks}
+        old_metrics = {k: v["new"] for k, v in transfer_fleet(model, tokenizer, base, args.adapters, tasks).items()
+                       if v["verdict"] == "compatible"}
         old_label = f"{base.family}/{base.version}"
     model, tokenizer, target = load_base(_base_ref(args, "target"))
-    try:
-        adapted = load_adapter(model, target, args.adapter)
-    except IncompatibleBase as e:
-        _emit(args, {"verdict": "incompatible", "mismatches": e.mismatches}, f"incompatible: {e}")
-        return EXIT_INCOMPATIBLE
-    new = {t.name: evaluate(adapted, tokenizer, list(t.eval)).as_dict() for t in tasks}
-    new_label = f"{target.family}/{target.version}"
-    rows = {t: {"old": old[t]["exact_match"], "new": new[t]["exact_match"],
-                "retention": new[t]["exact_match"] / old[t]["exact_match"] if old[t]["exact_match"] else None}
-            for t in new if t in old}
-    lines = [f"compatibility: ok ({manifest.method.name} adapter from {old_label} onto {new_label})",
-             f"{'task':<14}{'old EM':>10}{'new EM':>10}{'retention':>11}"]
-    for task, r in rows.items():
-        retention = f"{r['retention']:.2f}" if r["retention"] is not None else "-"
-        lines.append(f"{task:<14}{r['old']:>10.3f}{r['new']:>10.3f}{retention:>11}")
-    _emit(args, {"verdict": "compatible", "old_base": old_label, "new_base": new_label, "old": old, "new": new,
-                 "exact_match": rows}, "\n".join(lines))
+    if registry:
+        registry.base(target.family, target.version)
+    outcomes = transfer_fleet(model, tokenizer, target, args.adapters, tasks, old_metrics, progress=not args.json)
+    payload = {"new_base": f"{target.family}/{target.version}", "old_metric": old_label, "adapters": outcomes}
+    if registry:
+        from .tracking import record_update
+
+        payload["run_id"] = record_update(registry, target, outcomes)
+    lines = []
+    for adapter, o in outcomes.items():
+        if o["verdict"] != "compatible":
+            lines += [f"== {adapter}: {o['verdict']}"] + [f"  - {m}" for m in o["mismatches"]]
+            continue
+        lines += [f"== {adapter}: compatible ({o['trained_on']} -> {payload['new_base']}; old metric {old_label})",
+                  f"{'task':<14}{'old EM':>10}{'new EM':>10}{'retention':>11}"]
+        for task, new in o["new"].items():
+            retention = o["retention"][task]
+            lines.append(f"{task:<14}{o['old'][task]['exact_match']:>10.3f}{new['exact_match']:>10.3f}"
+                         + (f"{retention:>11.2f}" if retention is not None else f"{'-':>11}"))
+    _emit(args, payload, "\n".join(lines))
+    return EXIT_INCOMPATIBLE if any(o["verdict"] != "compatible" for o in outcomes.values()) else 0
+
+
+def cmd_bases_register(args) -> int:
+    from .bases import load_base
+
+    _, _, info = load_base(_base_ref(args))
+    record = _registry(args).register_base(info, parent=args.parent)
+    _emit(args, record.__dict__, f"registered base {record.family}/{record.version} as base-{record.family} "
+                                 f"version {record.model_version} ({record.fingerprint})")
+    return 0
+
+
+def cmd_bases_list(args) -> int:
+    records = _registry(args).bases(args.family)
+    lines = [f"{'family':<12}{'version':<10}{'parent':<10}{'mlflow':<8}fingerprint"]
+    lines += [f"{r.family:<12}{r.version:<10}{r.parent or '-':<10}{r.model_version:<8}{r.fingerprint[:23]}"
+              for r in records]
+    _emit(args, {"bases": [r.__dict__ for r in records]}, "\n".join(lines))
+    return 0
+
+
+def cmd_adapters_list(args) -> int:
+    records = _registry(args).adapters()
+    versions = sorted({r.base_version for rows in records.values() for r in rows})
+    lines = [f"{'adapter':<20}" + "".join(f"{v:>24}" for v in versions)]
+    for name, rows in sorted(records.items()):
+        latest = {r.base_version: r for r in rows}
+        cells = []
+        for v in versions:
+            r = latest.get(v)
+            mean = sum(r.metrics.values()) / len(r.metrics) if r and r.metrics else None
+            cells.append("-" if r is None else f"{100 * mean:5.1f} {r.status}" + ("*" if r.serving else ""))
+        lines.append(f"{name:<20}" + "".join(f"{c:>24}" for c in cells))
+    lines.append("mean exact match (%) over the adapter's tasks, registry status; * = served on that base")
+    _emit(args, {name: [r.__dict__ for r in rows] for name, rows in records.items()}, "\n".join(lines))
     return 0
 
 
@@ -227,6 +288,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_base(p)
     _add_json(p)
     p.set_defaults(func=cmd_bases_fingerprint)
+    p = _parser("register", bases_sub, "register a base version in the MLflow registry (idempotent)",
+                "transpeft bases register --base demo/bases/v2 --base-family demo --parent v1")
+    _add_base(p)
+    p.add_argument("--parent", help="the version this one was continued from (must be registered)")
+    _add_tracking(p, always=True)
+    _add_json(p)
+    p.set_defaults(func=cmd_bases_register)
+    p = _parser("list", bases_sub, "list the registered base versions", "transpeft bases list --family demo")
+    p.add_argument("--family", help="only this family")
+    _add_tracking(p, always=True)
+    _add_json(p)
+    p.set_defaults(func=cmd_bases_list)
+
+    adapters = _parser("adapters", sub, "the adapter registry", "transpeft adapters list --json")
+    adapters_sub = adapters.add_subparsers(dest="adapters_command", required=True)
+    p = _parser("list", adapters_sub, "each adapter's metric and status on every base version",
+                "transpeft adapters list")
+    _add_tracking(p, always=True)
+    _add_json(p)
+    p.set_defaults(func=cmd_adapters_list)
 
     data = _parser("data", sub, "task data: build the demo tasks, validate a data folder",
                    "transpeft data validate demo/data")
@@ -257,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="lora", help="PEFT method: lora, dora, ia3, bottleneck (default: lora)")
     _add_dataclass_flags(p, MethodConfig, skip=("name",))
     _add_dataclass_flags(p, TrainConfig)
+    _add_tracking(p)
     _add_json(p)
     p.set_defaults(func=cmd_train)
 
@@ -267,15 +349,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tasks(p)
     p.add_argument("adapters", nargs="+", help="adapter folders")
     p.add_argument("--batch-size", type=int, default=32)
+    _add_tracking(p)
     _add_json(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = _parser("transfer", sub, "put an adapter on a new base: compatibility verdict, old vs new metric",
-                "transpeft transfer adapters/tp-v1 --from demo/bases/v1 --to demo/bases/v2 --data demo/data")
-    p.add_argument("adapter", help="adapter folder")
+    p = _parser("transfer", sub, "put adapters on a new base (loaded once): compatibility verdict, old vs new metric",
+                "transpeft transfer adapters/tp-v1 --from demo/bases/v1 --to demo/bases/v2 --data demo/data",
+                "transpeft transfer adapters/* --to demo/bases/v2 --data demo/data --track")
+    p.add_argument("adapters", nargs="+", help="adapter folders")
     _add_base(p, "--to", dest="target", what="new base")
     _add_base(p, "--from", dest="source", required=False, what="old base (default: the metrics recorded at training)")
     p.add_argument("--data", required=True, help="folder of task folders")
+    _add_tracking(p)
     _add_json(p)
     p.set_defaults(func=cmd_transfer)
 
@@ -288,6 +373,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_tracking(p: argparse.ArgumentParser, always: bool = False) -> None:
+    if always:
+        p.set_defaults(track=True)
+    else:
+        p.add_argument("--track", action="store_true",
+                       help="log runs to MLflow and register the adapters (the base must be registered)")
+    p.add_argument("--tracking-uri", help="MLflow tracking server (default: $MLFLOW_TRACKING_URI, "
+                                          "else http://127.0.0.1:5000)")
+
+
 def _add_tasks(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", type=lambda s: [x for x in s.split(",") if x],
                    help="comma-separated task names (default: every task in the folder)")
@@ -298,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     from .bases import BaseLoadError
     from .data import DataError
     from .regularisers import NoFFNFound
+    from .tracking import NotRegistered, RegistryConflict, TrackingUnavailable
     from .train import TrainingDiverged
     from .transfer import IncompatibleBase
 
@@ -307,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     except IncompatibleBase as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INCOMPATIBLE
-    except (AdapterFileError, BaseLoadError, DataError, NoFFNFound, TrainingDiverged, ValueError) as e:
+    except (AdapterFileError, BaseLoadError, DataError, NoFFNFound, TrainingDiverged, TrackingUnavailable,
+            NotRegistered, RegistryConflict, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
 

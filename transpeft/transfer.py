@@ -94,3 +94,42 @@ def load_adapter(model: nn.Module, base: BaseInfo, directory: str | Path) -> nn.
 def unload_adapter(model: nn.Module, method_name: str) -> nn.Module:
     """The base model without the adapter, exactly as before ``load_adapter``."""
     return get_method(method_name).detach(model)
+
+
+def transfer_fleet(model: nn.Module, tokenizer, target: BaseInfo, adapter_dirs: list[Path], tasks,
+                   old_metrics: dict[str, dict] | None = None, progress: bool = False) -> dict[str, dict]:
+    """Put each adapter on ``target`` (loaded once) and score it on its tasks.
+
+    Returns, per adapter folder, ``{"verdict": "compatible", "old": ..., "new": ..., "retention": ...}`` or
+    ``{"verdict": "incompatible" | "unreadable", "mismatches": [...]}``. ``old`` is the metric on the old
+    base: ``old_metrics[folder]`` when given, else what the manifest recorded at training.
+    A failing adapter never stops the others.
+    """
+    from tqdm.auto import tqdm
+
+    from .adapters import AdapterFileError
+    from .evaluate import evaluate
+
+    outcomes = {}
+    for directory in tqdm(adapter_dirs, desc="transfer", unit="adapter", disable=not progress, leave=False):
+        key = str(directory)
+        try:
+            manifest = read_manifest(directory)
+            adapted = load_adapter(model, target, directory)
+        except AdapterFileError as e:
+            outcomes[key] = {"verdict": "unreadable", "mismatches": [str(e)]}
+            continue
+        except IncompatibleBase as e:
+            outcomes[key] = {"verdict": "incompatible", "mismatches": e.mismatches}
+            continue
+        try:
+            own = [t for t in tasks if t.name in manifest.tasks] or list(tasks)
+            new = {t.name: evaluate(adapted, tokenizer, list(t.eval)).as_dict() for t in own}
+        finally:
+            model = unload_adapter(adapted, manifest.method.name)
+        old = (old_metrics or {}).get(key, manifest.metrics)
+        retention = {t: new[t]["exact_match"] / old[t]["exact_match"] if old.get(t, {}).get("exact_match") else None
+                     for t in new}
+        outcomes[key] = {"verdict": "compatible", "trained_on": f"{manifest.base.family}/{manifest.base.version}",
+                         "old": old, "new": new, "retention": retention}
+    return outcomes

@@ -1,0 +1,67 @@
+"""The transfer report: adapters x base versions, as a Markdown table, a CSV and a heatmap image."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def transfer_matrix(records: dict[str, list]) -> tuple[list[str], list[str], list[list[float | None]]]:
+    """(adapters, base versions, mean exact match per cell) from the registry's adapter records."""
+    adapters = sorted(records)
+    versions = sorted({r.base_version for rows in records.values() for r in rows})
+    cells = []
+    for name in adapters:
+        latest = {r.base_version: r for r in records[name]}  # the newest version per base wins
+        row = []
+        for version in versions:
+            record = latest.get(version)
+            row.append(sum(record.metrics.values()) / len(record.metrics) if record and record.metrics else None)
+        cells.append(row)
+    return adapters, versions, cells
+
+
+def write_report(records: dict[str, list], out: Path, title: str) -> list[Path]:
+    """transfer_report.md, transfer_report.csv and transfer_heatmap.png under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    adapters, versions, cells = transfer_matrix(records)
+    status = {name: {r.base_version: r.status for r in rows} for name, rows in records.items()}
+
+    def cell(i, j):
+        value = cells[i][j]
+        return "-" if value is None else f"{100 * value:.1f} ({status[adapters[i]][versions[j]]})"
+
+    lines = [f"# {title}", "", "Mean exact match (%) over each adapter's tasks, with its registry status.", "",
+             "| adapter | " + " | ".join(versions) + " |", "|---|" + "---|" * len(versions)]
+    lines += [f"| {a} | " + " | ".join(cell(i, j) for j in range(len(versions))) + " |" for i, a in enumerate(adapters)]
+    markdown = out / "transfer_report.md"
+    markdown.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    table = out / "transfer_report.csv"
+    with table.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["adapter", *versions])
+        writer.writerows([a, *("" if v is None else round(v, 4) for v in row)] for a, row in zip(adapters, cells))
+
+    heatmap = out / "transfer_heatmap.png"
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(versions), 1.2 + 0.45 * len(adapters)))
+    values = [[float("nan") if v is None else 100 * v for v in row] for row in cells]
+    image = ax.imshow(values, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(range(len(versions)), versions)
+    ax.set_yticks(range(len(adapters)), adapters)
+    ax.set_xlabel("base version")
+    for i, row in enumerate(values):
+        for j, v in enumerate(row):
+            if v == v:  # not NaN
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", color="white" if v < 60 else "black")
+    fig.colorbar(image, ax=ax, label="exact match (%)")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(heatmap, dpi=120)
+    plt.close(fig)
+    return [markdown, table, heatmap]

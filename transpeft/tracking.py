@@ -1,0 +1,329 @@
+"""MLflow as the pipeline's truth: which base versions exist, which adapter is valid on which base.
+
+Registry layout (names are what a reviewer searches for in the MLflow UI):
+
+    base-<family>              one model version per base version; tags base_version, fingerprint,
+                               source, revision, parent, status; alias base-<base_version>
+                               (MLflow reserves aliases like "v1")
+    adapter-<name>             one model version per base version the adapter is valid on; tags
+                               base_family, base_version, base_fingerprint, dataset_hash, method,
+                               p_i, p_c, status, transferred_from, exact_match.<task>; alias
+                               on-<base_version> points at the version to serve there
+
+Runs go to experiments named after the step (train, evaluate, transfer): params, the loss curve,
+metrics per task, the dataset hash, and the adapter files as plain artifacts (never
+``mlflow.transformers.log_model``, which corrupts PEFT models on local bases).
+
+Everything talks to one tracking server through an explicit ``MlflowClient``: an unreachable server
+is an error, never a silent fallback to a local file store that would lose the runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+from .adapters import Manifest, read_manifest
+from .bases import BaseInfo
+
+DEFAULT_TRACKING_URI = "http://127.0.0.1:5000"
+BASE_PREFIX, ADAPTER_PREFIX = "base-", "adapter-"
+ADAPTER_STATUSES = ("trained", "transferred", "retuned", "failed-gate")
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server cannot be reached or answered with an error."""
+
+
+class RegistryConflict(ValueError):
+    """A registration that contradicts what the registry already holds."""
+
+
+class NotRegistered(LookupError):
+    """A base or adapter the registry does not know."""
+
+
+def tracking_uri(uri: str | None = None) -> str:
+    """The tracking server to use: the argument, else MLFLOW_TRACKING_URI, else the local default."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if not uri.startswith(("http://", "https://")):
+        raise TrackingUnavailable(f"tracking URI {uri!r} is not a server: point MLFLOW_TRACKING_URI at an MLflow "
+                                  "tracking server (http://...), e.g. the local one started with `make up`")
+    return uri.rstrip("/")
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    try:
+        with urllib.request.urlopen(f"{uri}/health", timeout=timeout) as response:
+            if response.status == 200:
+                return
+    except (urllib.error.URLError, OSError) as e:
+        raise TrackingUnavailable(f"MLflow tracking server at {uri} is not reachable ({e}); start the local one "
+                                  "with `make up` or set MLFLOW_TRACKING_URI") from None
+    raise TrackingUnavailable(f"MLflow tracking server at {uri} answered /health with an error")
+
+
+def _alias(text: str) -> str:
+    """MLflow aliases allow letters, digits, '_' and '-'."""
+    return "".join(c if c.isalnum() or c in "_-" else "_" for c in text)
+
+
+@dataclass(frozen=True)
+class BaseRecord:
+    family: str
+    version: str
+    fingerprint: str
+    source: str
+    parent: str | None
+    model_version: str  # MLflow's version number within base-<family>
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    name: str
+    base_family: str
+    base_version: str
+    status: str
+    transferred_from: str | None
+    metrics: dict[str, float]  # exact match per task on that base
+    model_version: str
+    serving: bool  # the on-<base_version> alias points here
+
+
+class Registry:
+    """Bases, adapters and their runs on one MLflow tracking server."""
+
+    def __init__(self, uri: str | None = None):
+        self.uri = tracking_uri(uri)
+        check_reachable(self.uri)
+        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+
+    # -- runs -------------------------------------------------------------------------------------
+
+    def _experiment(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        return found.experiment_id if found else self.client.create_experiment(name)
+
+    def start_run(self, step: str, name: str, tags: dict | None = None, parent_run_id: str | None = None) -> str:
+        tags = {k: str(v) for k, v in (tags or {}).items()}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        return self.client.create_run(self._experiment(step), run_name=name, tags=tags).info.run_id
+
+    def log(self, run_id: str, params: dict | None = None, metrics: dict | None = None, tags: dict | None = None,
+            curve: tuple[str, list[float]] | None = None) -> None:
+        now = int(time.time() * 1000)
+        batch_metrics = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
+        if curve:
+            batch_metrics += [Metric(curve[0], float(v), now, step) for step, v in enumerate(curve[1])]
+        batch_params = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
+        batch_tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        for start in range(0, max(len(batch_metrics), 1), 1000):  # MLflow takes 1000 metrics per batch
+            self.client.log_batch(run_id, metrics=batch_metrics[start:start + 1000],
+                                  params=batch_params if start == 0 else [], tags=batch_tags if start == 0 else [])
+
+    def finish_run(self, run_id: str, ok: bool = True) -> None:
+        self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+    # -- bases ------------------------------------------------------------------------------------
+
+    def register_base(self, base: BaseInfo, parent: str | None = None) -> BaseRecord:
+        """Register a base version; the same base again is a no-op, other contents under its name refused."""
+        name = BASE_PREFIX + base.family
+        existing = self._base_versions(base.family).get(base.version)
+        if existing is not None:
+            if existing.fingerprint != base.fingerprint:
+                raise RegistryConflict(
+                    f"base {base.family}/{base.version} is registered with fingerprint {existing.fingerprint}, "
+                    f"this one has {base.fingerprint}: register the changed weights under a new version name")
+            return existing
+        if parent is not None and parent not in self._base_versions(base.family):
+            raise NotRegistered(f"parent base {base.family}/{parent} is not registered; register it first")
+        self._ensure_model(name, {"kind": "base", "family": base.family},
+                           f"Base model family {base.family}: one version per base version.")
+        run_id = self.start_run("register", f"register base {base.family}/{base.version}",
+                                {"base_family": base.family, "base_version": base.version})
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "base.json").write_text(json.dumps({**base.as_dict(), "parent": parent}, indent=2))
+            self.client.log_artifacts(run_id, tmp, "base")
+        tags = {"base_version": base.version, "fingerprint": base.fingerprint, "source": base.source,
+                "revision": base.revision or "", "parent": parent or "", "status": "registering"}
+        version = self._create_version(name, run_id, "base", tags,
+                                       f"{base.family}/{base.version} from {base.source}"
+                                       + (f" (continued from {parent})" if parent else ""))
+        try:
+            self.client.set_registered_model_alias(name, _alias(f"base-{base.version}"), version.version)
+            self.client.set_model_version_tag(name, version.version, "status", "ready")
+        except MlflowException:
+            self.client.delete_model_version(name, version.version)  # nothing half-registered stays
+            self.finish_run(run_id, ok=False)
+            raise
+        self.finish_run(run_id)
+        return self._base_versions(base.family)[base.version]
+
+    def _base_versions(self, family: str) -> dict[str, BaseRecord]:
+        records = {}
+        for mv in self._versions(BASE_PREFIX + family):
+            if mv.tags.get("status") != "ready":
+                continue
+            records[mv.tags["base_version"]] = BaseRecord(
+                family=family, version=mv.tags["base_version"], fingerprint=mv.tags["fingerprint"],
+                source=mv.tags.get("source", ""), parent=mv.tags.get("parent") or None, model_version=mv.version)
+        return records
+
+    def bases(self, family: str | None = None) -> list[BaseRecord]:
+        families = [family] if family else [m.name.removeprefix(BASE_PREFIX) for m in self._models(BASE_PREFIX)]
+        return [r for f in families for r in self._base_versions(f).values()]
+
+    def base(self, family: str, version: str) -> BaseRecord:
+        record = self._base_versions(family).get(version)
+        if record is None:
+            raise NotRegistered(f"base {family}/{version} is not in the registry; register it with "
+                                f"`transpeft bases register --base <dir> --base-family {family} "
+                                f"--base-version {version}`")
+        return record
+
+    # -- adapters ---------------------------------------------------------------------------------
+
+    def log_training(self, name: str, adapter_dir: Path, manifest: Manifest) -> str:
+        """A finished training run: params, loss curve, metrics, dataset hash, the adapter files."""
+        run_id = self.start_run("train", f"train {name} on {manifest.base.family}/{manifest.base.version}", {
+            "adapter": name, "base_family": manifest.base.family, "base_version": manifest.base.version,
+            "dataset_hash": manifest.dataset_hash, "method": manifest.method.name,
+        })
+        training = {k: v for k, v in manifest.training.items() if k != "loss_curve"}
+        self.log(run_id, params={**{f"method.{k}": v for k, v in manifest.method.__dict__.items()}, **training,
+                                 "tasks": ",".join(manifest.tasks), "dataset_hash": manifest.dataset_hash},
+                 metrics=_flat_metrics(manifest.metrics), curve=("loss", manifest.training.get("loss_curve", [])))
+        self.client.log_artifacts(run_id, str(adapter_dir), "adapter")
+        self.finish_run(run_id)
+        return run_id
+
+    def log_evaluation(self, name: str, base: BaseInfo, metrics: dict[str, dict]) -> str:
+        run_id = self.start_run("evaluate", f"evaluate {name} on {base.family}/{base.version}",
+                                {"adapter": name, "base_family": base.family, "base_version": base.version})
+        self.log(run_id, metrics=_flat_metrics(metrics))
+        self.finish_run(run_id)
+        return run_id
+
+    def register_adapter(self, name: str, adapter_dir: Path, base: BaseInfo, status: str, metrics: dict,
+                         run_id: str, transferred_from: str | None = None, serve: bool = True) -> AdapterRecord:
+        """Record that the adapter (files logged under ``run_id``/adapter) is valid on ``base``."""
+        if status not in ADAPTER_STATUSES:
+            raise ValueError(f"adapter status must be one of {ADAPTER_STATUSES}, got {status!r}")
+        registered = self.base(base.family, base.version)
+        if registered.fingerprint != base.fingerprint:
+            raise RegistryConflict(f"base {base.family}/{base.version} differs from the registered one "
+                                   f"(fingerprint {base.fingerprint} vs {registered.fingerprint})")
+        manifest = read_manifest(adapter_dir)
+        model = ADAPTER_PREFIX + name
+        for record in self.adapter_versions(name):
+            same = self.client.get_model_version(model, record.model_version).tags.get("weights_sha256")
+            if record.base_version == base.version and same == manifest.weights_sha256 and record.status == status:
+                return record  # registering the same thing twice changes nothing
+        self._ensure_model(model, {"kind": "adapter"}, f"Adapter {name}: one version per base version it is valid on.")
+        tags = {"base_family": base.family, "base_version": base.version, "base_fingerprint": base.fingerprint,
+                "dataset_hash": manifest.dataset_hash, "method": manifest.method.name, "p_i": manifest.p_i,
+                "p_c": manifest.p_c, "seed": manifest.seed, "status": status, "weights_sha256": manifest.weights_sha256,
+                "transferred_from": transferred_from or "", "trained_on": manifest.base.version,
+                **{f"exact_match.{t}": round(m["exact_match"], 4) for t, m in metrics.items()}}
+        version = self._create_version(model, run_id, "adapter", tags,
+                                       f"{name} on {base.family}/{base.version}: {status}")
+        if serve:
+            try:
+                self.client.set_registered_model_alias(model, _alias(f"on-{base.version}"), version.version)
+            except MlflowException:
+                self.client.delete_model_version(model, version.version)  # nothing half-registered stays
+                raise
+        return next(r for r in self.adapter_versions(name) if r.model_version == version.version)
+
+    def adapter_versions(self, name: str) -> list[AdapterRecord]:
+        model = ADAPTER_PREFIX + name
+        try:
+            aliases = self.client.get_registered_model(model).aliases
+        except MlflowException:
+            return []
+        records = []
+        for mv in self._versions(model):
+            tags = mv.tags
+            records.append(AdapterRecord(
+                name=name, base_family=tags["base_family"], base_version=tags["base_version"], status=tags["status"],
+                transferred_from=tags.get("transferred_from") or None, model_version=mv.version,
+                metrics={k.removeprefix("exact_match."): float(v) for k, v in tags.items()
+                         if k.startswith("exact_match.")},
+                serving=aliases.get(_alias(f"on-{tags['base_version']}")) == mv.version))
+        return sorted(records, key=lambda r: int(r.model_version))
+
+    def adapters(self) -> dict[str, list[AdapterRecord]]:
+        return {m.name.removeprefix(ADAPTER_PREFIX): self.adapter_versions(m.name.removeprefix(ADAPTER_PREFIX))
+                for m in self._models(ADAPTER_PREFIX)}
+
+    # -- registry plumbing ------------------------------------------------------------------------
+
+    def _models(self, prefix: str):
+        return list(self.client.search_registered_models(filter_string=f"name LIKE '{prefix}%'"))
+
+    def _versions(self, model: str):
+        return list(self.client.search_model_versions(filter_string=f"name = '{model}'"))
+
+    def _ensure_model(self, name: str, tags: dict, description: str) -> None:
+        try:
+            self.client.create_registered_model(name, tags=tags, description=description)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+
+    def _create_version(self, model: str, run_id: str, artifact_path: str, tags: dict, description: str):
+        return self.client.create_model_version(model, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id,
+                                                tags={k: str(v) for k, v in tags.items()}, description=description)
+
+
+def _flat_metrics(metrics: dict[str, dict]) -> dict[str, float]:
+    return {f"{name}.{task}": value for task, values in metrics.items() for name, value in values.items()
+            if name != "n"}
+
+
+def adapter_name(directory: Path) -> str:
+    """An adapter's registry name: its folder name."""
+    return Path(directory).resolve().name
+
+
+def record_update(registry: Registry, target: BaseInfo, outcomes: dict[str, dict]) -> str:
+    """One parent run for a base update, a child run per adapter, registration of each compatible
+    adapter on the new base, and the transfer report (table + heatmap) on the parent run."""
+    from .report import write_report
+
+    parent = registry.start_run("transfer", f"update {target.family}/{target.version}",
+                                {"base_family": target.family, "base_version": target.version,
+                                 "adapters": len(outcomes)})
+    for directory, outcome in outcomes.items():
+        name = adapter_name(Path(directory))
+        child = registry.start_run("transfer", f"{name} -> {target.family}/{target.version}",
+                                   {"adapter": name, "base_version": target.version, "verdict": outcome["verdict"]},
+                                   parent_run_id=parent)
+        if outcome["verdict"] != "compatible":
+            registry.log(child, tags={"mismatches": "; ".join(outcome["mismatches"])[:5000]})
+            registry.finish_run(child, ok=False)
+            continue
+        registry.log(child, metrics={**_flat_metrics({t: m for t, m in outcome["new"].items()}),
+                                     **{f"old_exact_match.{t}": m["exact_match"] for t, m in outcome["old"].items()}})
+        registry.client.log_artifacts(child, directory, "adapter")
+        trained_on = outcome["trained_on"].split("/")[-1]
+        registry.register_adapter(name, Path(directory), target, "trained" if trained_on == target.version
+                                  else "transferred", outcome["new"], child, transferred_from=trained_on)
+        registry.finish_run(child)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_report(registry.adapters(), Path(tmp), f"Transfer report: {target.family} up to {target.version}")
+        registry.client.log_artifacts(parent, tmp, "report")
+    registry.finish_run(parent)
+    return parent

@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 OUT ?= demo-out
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench up down clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,6 +20,12 @@ demo: install
 
 test: install
 	$(PY) -m pytest
+
+up: install
+	mlflow/up
+
+down:
+	mlflow/down
 
 bench: install
 	$(PY) bench/bench_core.py

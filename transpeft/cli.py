@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
@@ -397,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     from .train import TrainingDiverged
     from .transfer import IncompatibleBase
 
+    # Raised inside peft on every training start; nothing a user can act on.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -1,0 +1,144 @@
+"""Real servers on 127.0.0.1 for integration tests: an MLflow tracking server and moto's S3.
+
+    from servers import start_mlflow, start_moto_s3
+    mlflow_server = start_mlflow(tmp_path)   # SQLite + artifacts under tmp_path, settings of mlflow/server.env
+    try:
+        MlflowClient(tracking_uri=mlflow_server.url) ...
+    finally:
+        mlflow_server.stop()
+
+Each server runs in its own process group, so stop() also ends the children it spawns (MLflow runs
+uvicorn in a child process). On Linux a server also gets SIGTERM when the thread that started it dies,
+so a killed test run leaves no server behind; start servers from the main thread (fixtures do).
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SERVER_ENV = Path(__file__).resolve().parents[1] / "mlflow" / "server.env"
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log: Path
+    stopped: bool = field(default=False, repr=False)
+
+    def stop(self, timeout: float = 20) -> None:
+        """SIGTERM the process group, wait, then SIGKILL it. Safe to call twice."""
+        if self.stopped:
+            return
+        self.stopped = True
+        if self.process.poll() is None:
+            _signal_group(self.process, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                _signal_group(self.process, signal.SIGKILL)
+                self.process.wait(5)
+        # The leader may exit before its children; make sure none of them outlive the test.
+        _signal_group(self.process, signal.SIGKILL)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def server_settings() -> dict[str, str]:
+    """The KEY=VALUE settings of mlflow/server.env."""
+    lines = SERVER_ENV.read_text().splitlines()
+    pairs = (line.split("=", 1) for line in lines if line.strip() and not line.lstrip().startswith("#"))
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def start_mlflow(root: Path, port: int | None = None, env: dict | None = None, timeout: float = 90) -> Server:
+    """An MLflow server like mlflow/up's, with its stores in `root`; `env` overrides any setting.
+
+    Calling it again with the same root reuses the database and the webhook encryption key, so state
+    (webhooks included) survives a restart as with mlflow/up.
+    """
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    key_file = root / "webhook-encryption.key"
+    if not key_file.exists():
+        key_file.write_text(base64.urlsafe_b64encode(os.urandom(32)).decode())  # a Fernet key
+    # The file's settings win over the caller's environment so tests see a known server.
+    settings = {
+        **os.environ,
+        **server_settings(),
+        "MLFLOW_PORT": str(port or free_port()),
+        "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{root / 'mlflow.db'}",
+        "MLFLOW_ARTIFACTS_DESTINATION": str(root / "artifacts"),
+        "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": key_file.read_text().strip(),
+        **(env or {}),
+    }
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    cmd = [str(mlflow_bin)] if mlflow_bin.exists() else [sys.executable, "-m", "mlflow"]
+    cmd += ["server", "--host", settings["MLFLOW_HOST"], "--port", settings["MLFLOW_PORT"],
+            "--workers", settings["MLFLOW_WORKERS"],
+            "--backend-store-uri", settings["MLFLOW_BACKEND_STORE_URI"],
+            "--serve-artifacts", "--artifacts-destination", settings["MLFLOW_ARTIFACTS_DESTINATION"]]
+    url = f"http://{settings['MLFLOW_HOST']}:{settings['MLFLOW_PORT']}"
+    return _launch(cmd, url, "/health", root / "mlflow.log", settings, cwd=root, timeout=timeout)
+
+
+def start_moto_s3(port: int | None = None, log_dir: Path | None = None, timeout: float = 30) -> Server:
+    """moto's S3 server on 127.0.0.1; point boto3 at `server.url` with any credentials."""
+    port = port or free_port()
+    log = Path(log_dir or os.environ.get("TMPDIR", "/tmp")) / f"moto-{port}.log"
+    moto_bin = Path(sys.executable).with_name("moto_server")
+    cmd = [str(moto_bin)] if moto_bin.exists() else [sys.executable, "-m", "moto.server"]
+    cmd += ["-H", "127.0.0.1", "-p", str(port)]
+    return _launch(cmd, f"http://127.0.0.1:{port}", "/", log, dict(os.environ), cwd=log.parent, timeout=timeout)
+
+
+def _launch(cmd: list[str], url: str, probe: str, log: Path, env: dict, cwd: Path, timeout: float) -> Server:
+    with open(log, "ab") as out:
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   env=env, cwd=cwd, start_new_session=True, preexec_fn=_die_with_parent)
+    server = Server(url=url, process=process, log=log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            server.stop()
+            raise RuntimeError(f"{cmd[0]} exited with {process.returncode} during start:\n{_tail(log)}")
+        try:
+            with urllib.request.urlopen(url + probe, timeout=2):
+                return server
+        except OSError:
+            time.sleep(0.3)
+    server.stop()
+    raise TimeoutError(f"{url}{probe} did not answer within {timeout:.0f}s:\n{_tail(log)}")
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: ask the kernel for SIGTERM when our parent dies."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)  # start_new_session made the pid the group id
+    except ProcessLookupError:
+        pass
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

@@ -1,0 +1,161 @@
+"""The MLflow registry and runs against a real tracking server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from mlflow.exceptions import MlflowException
+
+from servers import free_port, start_mlflow
+from transpeft.adapters import read_manifest
+from transpeft.bases import BaseRef, load_base
+from transpeft.data import load_tasks
+from transpeft.demo.family import build_demo_family
+from transpeft.demo.tasks import build_demo_tasks
+from transpeft.methods import MethodConfig
+from transpeft.tracking import NotRegistered, Registry, RegistryConflict, TrackingUnavailable, record_update
+from transpeft.train import TrainConfig, train_adapter
+from transpeft.transfer import transfer_fleet
+
+pytestmark = pytest.mark.server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    running = start_mlflow(tmp_path_factory.mktemp("mlflow"))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("family")
+    build_demo_family(root / "tiny", profile="test", progress=False)
+    build_demo_tasks(root / "data", n_train=32, n_eval=8)
+    return root
+
+
+def base(family, version):
+    return load_base(BaseRef(str(family / "tiny" / version)))
+
+
+def test_base_registration_is_idempotent_and_refuses_other_contents(server, family):
+    registry = Registry(server.url)
+    _, _, v1 = base(family, "v1")
+    first = registry.register_base(v1)
+    assert registry.register_base(v1) == first
+    with pytest.raises(RegistryConflict, match="register the changed weights under a new version name"):
+        registry.register_base(replace(v1, fingerprint="sha256:changed"))
+    with pytest.raises(NotRegistered, match="parent base tiny/v0 is not registered"):
+        registry.register_base(base(family, "v2")[2], parent="v0")
+    assert [(b.family, b.version) for b in registry.bases("tiny")] == [("tiny", "v1")]
+    version = registry.client.get_model_version("base-tiny", first.model_version)
+    assert version.tags["fingerprint"] == v1.fingerprint and version.tags["status"] == "ready"
+    assert registry.client.get_model_version_by_alias("base-tiny", "base-v1").version == first.model_version
+
+
+def test_a_failed_registration_leaves_nothing_that_looks_valid(server, family, monkeypatch):
+    registry = Registry(server.url)
+    _, _, v3 = base(family, "v3")
+
+    def broken(*args, **kwargs):
+        raise MlflowException("registry went away")
+
+    monkeypatch.setattr(registry.client, "set_registered_model_alias", broken)
+    with pytest.raises(MlflowException, match="registry went away"):
+        registry.register_base(v3)
+    assert "v3" not in {b.version for b in registry.bases("tiny")}
+    versions = registry.client.search_model_versions("name = 'base-tiny'")
+    assert all(v.tags.get("base_version") != "v3" for v in versions)
+
+
+def test_adapters_are_tracked_per_base_version(server, family, tmp_path):
+    registry = Registry(server.url)
+    model, tokenizer, v1 = base(family, "v1")
+    registry.register_base(v1)
+    tasks = load_tasks(family / "data", ["reverse", "sort"])
+    out = tmp_path / "support-bot"
+    _, manifest, _ = train_adapter(model, tokenizer, v1, tasks, MethodConfig(r=4),
+                                   TrainConfig(steps=3, batch_size=8, p_c=0.1), out, progress=False)
+
+    run_id = registry.log_training("support-bot", out, manifest)
+    run = registry.client.get_run(run_id)
+    assert run.data.tags["dataset_hash"] == manifest.dataset_hash and run.data.params["p_c"] == "0.1"
+    assert len(registry.client.get_metric_history(run_id, "loss")) == 3
+    assert {a.path for a in registry.client.list_artifacts(run_id, "adapter")} >= {
+        "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/transpeft.json"}
+
+    record = registry.register_adapter("support-bot", out, v1, "trained", manifest.metrics, run_id)
+    assert registry.register_adapter("support-bot", out, v1, "trained", manifest.metrics, run_id) == record
+    tags = registry.client.get_model_version("adapter-support-bot", record.model_version).tags
+    assert (tags["base_version"], tags["status"], tags["p_c"], tags["dataset_hash"]) == (
+        "v1", "trained", "0.1", manifest.dataset_hash)
+    assert record.serving and record.metrics.keys() == {"reverse", "sort"}
+
+    _, _, v2 = base(family, "v2")
+    with pytest.raises(NotRegistered, match="base tiny/v2 is not in the registry"):
+        registry.register_adapter("support-bot", out, v2, "transferred", manifest.metrics, run_id)
+
+
+def test_a_base_update_makes_one_parent_run_a_child_per_adapter_and_a_report(server, family, tmp_path):
+    registry = Registry(server.url)
+    model, tokenizer, v1 = base(family, "v1")
+    registry.register_base(v1)
+    tasks = load_tasks(family / "data", ["reverse"])
+    train_adapter(model, tokenizer, v1, tasks, MethodConfig(r=4), TrainConfig(steps=2, batch_size=8),
+                  tmp_path / "good", progress=False)
+    (tmp_path / "broken").mkdir()  # an adapter folder with nothing in it
+
+    model, tokenizer, v2 = base(family, "v2")
+    registry.register_base(v2, parent="v1")
+    outcomes = transfer_fleet(model, tokenizer, v2, [tmp_path / "good", tmp_path / "broken"], tasks)
+    assert outcomes[str(tmp_path / "broken")]["verdict"] == "unreadable"
+    parent = record_update(registry, v2, outcomes)
+
+    children = registry.client.search_runs([registry.client.get_run(parent).info.experiment_id],
+                                           f"tags.mlflow.parentRunId = '{parent}'")
+    assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED"]
+    report = {a.path for a in registry.client.list_artifacts(parent, "report")}
+    assert report == {"report/transfer_report.md", "report/transfer_report.csv", "report/transfer_heatmap.png"}
+    good = registry.adapter_versions("good")
+    assert [(r.base_version, r.status, r.transferred_from) for r in good] == [("v2", "transferred", "v1")]
+    assert registry.adapter_versions("broken") == []
+
+
+def test_an_unreachable_server_is_an_error_never_a_local_fallback():
+    with pytest.raises(TrackingUnavailable, match="is not reachable"):
+        Registry(f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(TrackingUnavailable, match="is not a server"):
+        Registry("file:///tmp/mlruns")
+
+
+def test_cli_registers_bases_trains_transfers_and_lists_side_by_side(server, family, tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server.url}
+
+    def cli(*args, check=True):
+        done = subprocess.run([sys.executable, "-m", "transpeft.cli", *map(str, args)], capture_output=True,
+                              text=True, env=env, timeout=300)
+        assert not check or done.returncode == 0, done.stderr[-2000:]
+        return done
+
+    bases = family / "tiny"
+    common = ["--data", family / "data", "--tasks", "sort", "--steps", 2, "--batch-size", 8]
+    refused = cli("train", "--base", bases / "v3", *common, "--out", tmp_path / "a", "--track", check=False)
+    assert refused.returncode == 2 and "base tiny/v3 is not in the registry" in refused.stderr
+    assert not (tmp_path / "a").exists()  # refused before training
+
+    cli("bases", "register", "--base", bases / "v1")
+    cli("train", "--base", bases / "v1", *common, "--out", tmp_path / "faq-bot", "--track")
+    cli("bases", "register", "--base", bases / "v2", "--parent", "v1")
+    cli("transfer", tmp_path / "faq-bot", "--to", bases / "v2", "--data", family / "data", "--track")
+    listed = json.loads(cli("adapters", "list", "--json").stdout)["faq-bot"]
+    assert [(r["base_version"], r["status"]) for r in listed] == [("v1", "trained"), ("v2", "transferred")]
+    text = cli("adapters", "list").stdout
+    assert "faq-bot" in text and "trained*" in text and "transferred*" in text
+    assert "tiny" in cli("bases", "list").stdout

@@ -1,0 +1,200 @@
+"""Receiver of MLflow registry webhooks: checks MLflow's signature and forwards base registrations.
+
+A base version registered straight in MLflow (UI or API) fires `model_version.created`; this receiver
+turns it into a `transpeft.base.registered` notice POSTed as JSON to a forward URL (the revalidation
+trigger, shared/DESIGN.md). Run it with the launcher:
+
+    TRANSPEFT_WEBHOOK_SECRET=... python mlflow/webhook_receiver.py --port 5055 --forward-url URL
+
+and register it in MLflow with `MlflowClient().create_webhook(name, url="http://127.0.0.1:5055/",
+events=["model_version.created"], secret=<the same secret>)`.
+
+How MLflow 3.x signs a delivery (mlflow/webhooks/delivery.py, `_generate_hmac_signature`):
+    X-MLflow-Delivery-Id: a uuid4, X-MLflow-Timestamp: unix seconds,
+    X-MLflow-Signature: "v1," + base64(HMAC-SHA256(secret, f"{delivery_id}.{timestamp}.{body}"))
+and the body is {"entity": "model_version", "action": "created", "timestamp": ..., "data": {"name",
+"version", "source", "run_id", "tags", "description"}}.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import threading
+import time
+import urllib.request
+from collections.abc import Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+log = logging.getLogger(__name__)
+
+SIGNATURE_HEADER = "X-MLflow-Signature"
+TIMESTAMP_HEADER = "X-MLflow-Timestamp"
+DELIVERY_ID_HEADER = "X-MLflow-Delivery-Id"
+SIGNATURE_VERSION = "v1"
+MAX_BODY = 64 * 1024
+MAX_AGE_S = 300  # older deliveries are replays (MLflow's own retries end within about two minutes)
+MAX_SKEW_S = 30  # tolerated clock difference between the MLflow host and this one
+EVENT = "transpeft.base.registered"
+
+
+class SignatureError(Exception):
+    """A delivery that does not prove it comes from MLflow with our secret; str() is the reason."""
+
+
+class ForwardError(Exception):
+    """The notice could not be handed on to the forward URL."""
+
+
+def sign(secret: str, delivery_id: str, timestamp: str, body: bytes) -> str:
+    """The X-MLflow-Signature value MLflow sends for this delivery."""
+    signed = f"{delivery_id}.{timestamp}.".encode() + body
+    digest = hmac.new(secret.encode(), signed, hashlib.sha256).digest()
+    return f"{SIGNATURE_VERSION},{base64.b64encode(digest).decode()}"
+
+
+def verify_signature(secret: str, headers: Mapping[str, str], body: bytes, now: float | None = None) -> None:
+    """Raise SignatureError unless the headers carry a fresh, valid MLflow signature of `body`."""
+    lower = {key.lower(): value for key, value in headers.items()}
+    delivery_id, timestamp, signature = (lower.get(name.lower()) for name in
+                                         (DELIVERY_ID_HEADER, TIMESTAMP_HEADER, SIGNATURE_HEADER))
+    if not (delivery_id and timestamp and signature):
+        raise SignatureError("missing signature headers")
+    expected = sign(secret, delivery_id, timestamp, body).encode()
+    # Standard Webhooks allows several space-separated signatures (key rotation); MLflow sends one.
+    if not any(hmac.compare_digest(expected, candidate.encode()) for candidate in signature.split()):
+        raise SignatureError("bad signature")
+    # Checked after the signature, so a stale delivery is a genuine one being replayed.
+    try:
+        age = (time.time() if now is None else now) - int(timestamp)
+    except ValueError:
+        raise SignatureError(f"bad timestamp {timestamp!r}") from None
+    if age > MAX_AGE_S:
+        raise SignatureError(f"stale timestamp ({age:.0f}s old)")
+    if age < -MAX_SKEW_S:
+        raise SignatureError(f"timestamp {-age:.0f}s in the future")
+
+
+def base_notice(payload: dict, delivery_id: str, prefix: str = "base-") -> dict | None:
+    """The notice for a `model_version.created` delivery of a base model; None for anything else."""
+    if (payload.get("entity"), payload.get("action")) != ("model_version", "created"):
+        return None
+    data = payload.get("data")
+    if not isinstance(data, dict):
+        raise ValueError("model_version.created without a data object")
+    name, mlflow_version = str(data.get("name", "")), str(data.get("version", ""))
+    if not name.startswith(prefix) or name == prefix:
+        return None
+    tags = data.get("tags") or {}
+    return {"event": EVENT, "family": name[len(prefix):], "version": tags.get("base_version", mlflow_version),
+            "mlflow_version": mlflow_version, "registered_model": name, "delivery_id": delivery_id}
+
+
+def forward(url: str, notice: dict, timeout: float = 10) -> None:
+    """POST the notice as JSON; raise ForwardError unless the target answers 2xx."""
+    request = urllib.request.Request(url, data=json.dumps(notice).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status = response.status
+    except OSError as exc:  # URLError, HTTPError (>= 400), timeouts
+        raise ForwardError(f"{url}: {exc}") from exc
+    if not 200 <= status < 300:
+        raise ForwardError(f"{url} answered {status}")
+
+
+class WebhookServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], secret: str, forward_url: str, prefix: str):
+        if not secret:
+            raise ValueError("a webhook secret is required: unsigned deliveries are refused")
+        super().__init__(address, _Handler)
+        self.secret, self.forward_url, self.prefix = secret, forward_url, prefix
+        # MLflow retries a delivery with the same id when it gets no answer; forward each id once.
+        self.forwarded: dict[str, float] = {}
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}/"
+
+    def first_forward(self, delivery_id: str) -> bool:
+        """Record the id; False if it was already forwarded in the replay window."""
+        now = time.monotonic()
+        with self.lock:
+            self.forwarded = {key: t for key, t in self.forwarded.items() if now - t < MAX_AGE_S + MAX_SKEW_S}
+            if delivery_id in self.forwarded:
+                return False
+            self.forwarded[delivery_id] = now
+            return True
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: WebhookServer
+    timeout = 10  # seconds per socket read, so a client that never sends its body cannot hold a thread
+
+    def do_GET(self):
+        if self.path.rstrip("/") == "/health":
+            return self._reply(200, "ok", quiet=True)
+        self._reply(404, "not found")
+
+    def do_POST(self):
+        length = self.headers.get("Content-Length", "")
+        if not length.isdigit():
+            return self._reply(411, "Content-Length required")
+        if int(length) > MAX_BODY:
+            self.close_connection = True  # the body stays unread
+            return self._reply(413, f"body of {length} bytes exceeds {MAX_BODY}")
+        body = self.rfile.read(int(length))
+        delivery_id = self.headers.get(DELIVERY_ID_HEADER, "-")
+        try:
+            verify_signature(self.server.secret, self.headers, body)
+        except SignatureError as exc:
+            return self._reply(401, str(exc), delivery_id)
+        try:
+            payload = json.loads(body)
+            if not isinstance(payload, dict):
+                raise ValueError("not a JSON object")
+            notice = base_notice(payload, delivery_id, self.server.prefix)
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            return self._reply(400, f"bad payload: {exc}", delivery_id)
+        event, data = f"{payload.get('entity')}.{payload.get('action')}", payload.get("data")
+        model = data.get("name") if isinstance(data, dict) else None
+        if notice is None:
+            return self._reply(200, f"ignored {event} of {model!r}", delivery_id)
+        if not self.server.first_forward(delivery_id):
+            return self._reply(200, f"already forwarded {model} version {notice['mlflow_version']}", delivery_id)
+        try:
+            forward(self.server.forward_url, notice)
+        except ForwardError as exc:
+            # Let MLflow see the failure (it retries 5xx); forget the id so the retry forwards again.
+            with self.server.lock:
+                self.server.forwarded.pop(delivery_id, None)
+            return self._reply(502, f"forward failed: {exc}", delivery_id)
+        return self._reply(202, f"forwarded {EVENT} family={notice['family']} version={notice['version']}",
+                           delivery_id)
+
+    def _reply(self, status: int, reason: str, delivery_id: str = "-", quiet: bool = False) -> None:
+        if not quiet:
+            verdict = "accepted" if status < 300 else "rejected" if status < 500 else "failed"
+            log.log(logging.INFO if status < 300 else logging.WARNING, "%s %d delivery=%s from %s: %s",
+                    verdict, status, delivery_id, self.client_address[0], reason)
+        body = json.dumps({"status": status, "detail": reason}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args):  # noqa: A002 - the stdlib's name
+        log.debug("%s " + format, self.client_address[0], *args)
+
+
+def make_server(host: str, port: int, secret: str, forward_url: str, prefix: str = "base-") -> WebhookServer:
+    """A receiver bound to host:port (port 0 picks a free one); run it with serve_forever()."""
+    return WebhookServer((host, port), secret, forward_url, prefix)

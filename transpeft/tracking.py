@@ -232,11 +232,13 @@ class Registry:
             if record.base_version == base.version and same == manifest.weights_sha256 and record.status == status:
                 return record  # registering the same thing twice changes nothing
         self._ensure_model(model, {"kind": "adapter"}, f"Adapter {name}: one version per base version it is valid on.")
-        tags = {"base_family": base.family, "base_version": base.version, "base_fingerprint": base.fingerprint,
-                "dataset_hash": manifest.dataset_hash, "method": manifest.method.name, "p_i": manifest.p_i,
-                "p_c": manifest.p_c, "seed": manifest.seed, "status": status, "weights_sha256": manifest.weights_sha256,
+        # The UI lists tags in this order: what a reviewer compares across versions comes first.
+        tags = {"base_version": base.version, "status": status,
+                **{f"exact_match.{t}": round(m["exact_match"], 4) for t, m in metrics.items()},
                 "transferred_from": transferred_from or "", "trained_on": manifest.base.version,
-                **{f"exact_match.{t}": round(m["exact_match"], 4) for t, m in metrics.items()}}
+                "base_family": base.family, "base_fingerprint": base.fingerprint,
+                "dataset_hash": manifest.dataset_hash, "method": manifest.method.name, "p_i": manifest.p_i,
+                "p_c": manifest.p_c, "seed": manifest.seed, "weights_sha256": manifest.weights_sha256}
         version = self._create_version(model, run_id, "adapter", tags,
                                        f"{name} on {base.family}/{base.version}: {status}")
         if serve:

@@ -141,7 +141,10 @@ def cmd_train(args) -> int:
         from .tracking import adapter_name
 
         name = adapter_name(Path(args.out))
-        run_id = registry.log_training(name, Path(args.out), manifest)
+        from .versioning import dvc_hash
+
+        run_id = registry.log_training(name, Path(args.out), manifest,
+                                       extra_tags={"dvc_data_hash": dvc_hash(args.data) or "untracked"})
         record = registry.register_adapter(name, Path(args.out), base, "trained", manifest.metrics, run_id)
         payload["registered"] = {"model": f"adapter-{name}", "version": record.model_version, "run_id": run_id}
     _emit(args, payload, f"saved {args.out} (trained on {payload['base']}, {payload['seconds']} s)\n"

@@ -11,32 +11,30 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def transfer_matrix(records: dict[str, list]) -> tuple[list[str], list[str], list[list[float | None]]]:
-    """(adapters, base versions, mean exact match per cell) from the registry's adapter records."""
-    adapters = sorted(records)
-    versions = sorted({r.base_version for rows in records.values() for r in rows})
-    cells = []
-    for name in adapters:
-        latest = {r.base_version: r for r in records[name]}  # the newest version per base wins
-        row = []
-        for version in versions:
-            record = latest.get(version)
-            row.append(sum(record.metrics.values()) / len(record.metrics) if record and record.metrics else None)
-        cells.append(row)
-    return adapters, versions, cells
+Matrix = dict[str, dict[str, tuple[float, str]]]  # adapter -> base version -> (exact match, status)
 
 
-def write_report(records: dict[str, list], out: Path, title: str) -> list[Path]:
+def registry_matrix(records: dict[str, list]) -> Matrix:
+    """The matrix from the registry's adapter records: mean exact match over the adapter's tasks."""
+    matrix = {}
+    for name, rows in records.items():
+        matrix[name] = {r.base_version: (sum(r.metrics.values()) / len(r.metrics), r.status)
+                        for r in rows if r.metrics}  # the newest version per base wins
+    return matrix
+
+
+def write_report(matrix: Matrix, out: Path, title: str) -> list[Path]:
     """transfer_report.md, transfer_report.csv and transfer_heatmap.png under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    adapters, versions, cells = transfer_matrix(records)
-    status = {name: {r.base_version: r.status for r in rows} for name, rows in records.items()}
+    adapters = sorted(matrix)
+    versions = sorted({v for row in matrix.values() for v in row})
+    cells = [[matrix[a].get(v, (None, ""))[0] for v in versions] for a in adapters]
 
     def cell(i, j):
-        value = cells[i][j]
-        return "-" if value is None else f"{100 * value:.1f} ({status[adapters[i]][versions[j]]})"
+        value, status = matrix[adapters[i]].get(versions[j], (None, ""))
+        return "-" if value is None else f"{100 * value:.1f}" + (f" ({status})" if status else "")
 
-    lines = [f"# {title}", "", "Mean exact match (%) over each adapter's tasks, with its registry status.", "",
+    lines = [f"# {title}", "", "Exact match (%) of each adapter on each base version.", "",
              "| adapter | " + " | ".join(versions) + " |", "|---|" + "---|" * len(versions)]
     lines += [f"| {a} | " + " | ".join(cell(i, j) for j in range(len(versions))) + " |" for i, a in enumerate(adapters)]
     markdown = out / "transfer_report.md"

@@ -195,11 +195,12 @@ class Registry:
 
     # -- adapters ---------------------------------------------------------------------------------
 
-    def log_training(self, name: str, adapter_dir: Path, manifest: Manifest) -> str:
-        """A finished training run: params, loss curve, metrics, dataset hash, the adapter files."""
+    def log_training(self, name: str, adapter_dir: Path, manifest: Manifest, extra_tags: dict | None = None) -> str:
+        """A finished training run: params, loss curve, metrics, dataset hashes, the adapter files."""
         run_id = self.start_run("train", f"train {name} on {manifest.base.family}/{manifest.base.version}", {
             "adapter": name, "base_family": manifest.base.family, "base_version": manifest.base.version,
             "dataset_hash": manifest.dataset_hash, "method": manifest.method.name,
+            **(extra_tags or {}),
         })
         training = {k: v for k, v in manifest.training.items() if k != "loss_curve"}
         self.log(run_id, params={**{f"method.{k}": v for k, v in manifest.method.__dict__.items()}, **training,
@@ -303,7 +304,7 @@ def adapter_name(directory: Path) -> str:
 def record_update(registry: Registry, target: BaseInfo, outcomes: dict[str, dict]) -> str:
     """One parent run for a base update, a child run per adapter, registration of each compatible
     adapter on the new base, and the transfer report (table + heatmap) on the parent run."""
-    from .report import write_report
+    from .report import registry_matrix, write_report
 
     parent = registry.start_run("transfer", f"update {target.family}/{target.version}",
                                 {"base_family": target.family, "base_version": target.version,
@@ -325,7 +326,7 @@ def record_update(registry: Registry, target: BaseInfo, outcomes: dict[str, dict
                                   else "transferred", outcome["new"], child, transferred_from=trained_on)
         registry.finish_run(child)
     with tempfile.TemporaryDirectory() as tmp:
-        write_report(registry.adapters(), Path(tmp), f"Transfer report: {target.family} up to {target.version}")
+        write_report(registry_matrix(registry.adapters()), Path(tmp), f"Transfer report: {target.family} up to {target.version}")
         registry.client.log_artifacts(parent, tmp, "report")
     registry.finish_run(parent)
     return parent

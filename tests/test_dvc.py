@@ -1,0 +1,157 @@
+"""`dvc repro` of the project's own dvc.yaml in a fresh git repo, on the test profile; remotes; lineage."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from servers import start_mlflow, start_moto_s3
+
+pytestmark = pytest.mark.server
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def run(cwd: Path, *args, check=True, env=None):
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", **(env or {})}
+    done = subprocess.run(list(map(str, args)), cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} exited {done.returncode}:\n{done.stdout[-2000:]}\n"
+                             f"{done.stderr[-3000:]}")
+    return done
+
+
+def tree_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def set_params(project: Path, **changes) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split(".")
+        node = params
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    server = start_mlflow(tmp_path_factory.mktemp("mlflow"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, mlflow_server):
+    """The project's pipeline files in a new git + DVC repo, on the test profile."""
+    project = tmp_path_factory.mktemp("project")
+    for name in ("dvc.yaml", "params.yaml", "datasets"):
+        source = ROOT / name
+        shutil.copytree(source, project / name) if source.is_dir() else shutil.copy(source, project / name)
+    shutil.copytree(ROOT / "transpeft", project / "transpeft", ignore=shutil.ignore_patterns("__pycache__"))
+    set_params(project, **{"prepare.n_train": 48, "prepare.n_eval": 8, "bases.profile": "test",
+                           "train.tasks": ["reverse", "add"], "train.schedule.steps": 2,
+                           "train.schedule.batch_size": 8, "tracking.uri": mlflow_server.url})
+    run(project, "git", "init", "-q")
+    run(project, "dvc", "init", "-q")
+    run(project, "dvc", "remote", "add", "-d", "local", str(tmp_path_factory.mktemp("remote")))
+    run(project, "git", "add", "-A")
+    run(project, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "pipeline")
+    return project
+
+
+@pytest.fixture(scope="module")
+def first_repro(project) -> str:
+    return run(project, "dvc", "repro").stdout
+
+
+def test_repro_runs_every_stage_and_prints_the_transfer_table(project, first_repro):
+    for stage in ("prepare", "bases", "train@reverse-plain-v1", "train@add-transpeft-v1", "transfer", "report"):
+        assert f"Running stage '{stage}'" in first_repro
+    table = run(project, "dvc", "metrics", "show").stdout
+    assert "pipeline/metrics/transpeft-v1/reverse.json" in table
+    header = table.splitlines()[0].split()
+    assert header[-3:] == ["v1", "v2", "v3"]
+    html = run(project, "dvc", "plots", "show", "-o", project / "plots").stdout
+    assert "index.html" in html and "transfer_heatmap.png" in (project / "plots/index.html").read_text()
+
+
+def test_second_repro_does_nothing_and_p_c_reruns_only_what_depends_on_it(project, first_repro):
+    assert "Data and pipelines are up to date" in run(project, "dvc", "repro").stdout
+    set_params(project, **{"train.runs.transpeft-v1.p_c": 0.2})
+    rerun = run(project, "dvc", "repro").stdout
+    ran = sorted(line.split("'")[1] for line in rerun.splitlines() if line.startswith("Running stage"))
+    # report re-runs only if the new scores differ; nothing else may run at all
+    assert [r for r in ran if r != "report"] == ["train@add-transpeft-v1", "train@reverse-transpeft-v1", "transfer"]
+
+
+def test_training_runs_carry_the_dvc_hash_of_their_data(project, first_repro, mlflow_server):
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    data_md5 = next(o["md5"] for o in lock["stages"]["prepare"]["outs"] if o["path"] == "pipeline/data")
+    client = MlflowClient(mlflow_server.url)
+    runs = client.search_runs([client.get_experiment_by_name("train").experiment_id])
+    assert len(runs) >= 8
+    assert {r.data.tags["dvc_data_hash"] for r in runs} == {f"md5:{data_md5}"}
+
+
+def test_a_bad_user_file_fails_prepare_with_file_and_line_and_keeps_the_data(project, first_repro):
+    before = tree_digest(project / "pipeline/data")
+    bad = project / "datasets/tickets"
+    bad.mkdir()
+    (bad / "train.jsonl").write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "no answer here"}\n')
+    (bad / "eval.jsonl").write_text('{"prompt": "a", "answer": "b"}\n')
+    try:
+        failed = run(project, "dvc", "repro", "prepare", check=False)
+        assert failed.returncode != 0
+        assert "datasets/tickets/train.jsonl:2: row has no 'answer'" in failed.stdout + failed.stderr
+        assert tree_digest(project / "pipeline/data") == before
+    finally:
+        shutil.rmtree(bad)
+
+
+def test_local_remote_push_wipe_pull_gives_identical_bytes(project, first_repro):
+    before = tree_digest(project / "pipeline/data")
+    run(project, "dvc", "push", "pipeline/data")
+    shutil.rmtree(project / ".dvc/cache")
+    shutil.rmtree(project / "pipeline/data")
+    run(project, "dvc", "pull", "pipeline/data")
+    assert tree_digest(project / "pipeline/data") == before
+
+
+def test_s3_remote_round_trip_on_a_local_s3_server(project, first_repro):
+    s3 = start_moto_s3(log_dir=project)
+    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        boto3.client("s3", endpoint_url=s3.url, **{k.lower(): v for k, v in creds.items()
+                                                   if k != "AWS_DEFAULT_REGION"},
+                     region_name="us-east-1").create_bucket(Bucket="transpeft-data")
+        run(project, "dvc", "remote", "add", "s3", "s3://transpeft-data/dvc")
+        run(project, "dvc", "remote", "modify", "s3", "endpointurl", s3.url)
+        before = tree_digest(project / "pipeline/data")
+        run(project, "dvc", "push", "-r", "s3", "pipeline/data", env=creds)
+        listed = boto3.client("s3", endpoint_url=s3.url, aws_access_key_id="testing",
+                              aws_secret_access_key="testing", region_name="us-east-1").list_objects_v2(
+            Bucket="transpeft-data", Prefix="dvc/")
+        assert listed["KeyCount"] > 0
+        shutil.rmtree(project / ".dvc/cache")
+        shutil.rmtree(project / "pipeline/data")
+        run(project, "dvc", "pull", "-r", "s3", "pipeline/data", env=creds)
+        assert tree_digest(project / "pipeline/data") == before
+    finally:
+        run(project, "dvc", "remote", "remove", "s3", check=False)
+        s3.stop()

@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 OUT ?= demo-out
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test bench up down clean
+.PHONY: install demo test bench up down repro clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,6 +20,9 @@ demo: install
 
 test: install
 	$(PY) -m pytest
+
+repro: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 
 up: install
 	mlflow/up

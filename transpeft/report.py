@@ -60,6 +60,6 @@ def write_report(matrix: Matrix, out: Path, title: str) -> list[Path]:
     fig.colorbar(image, ax=ax, label="exact match (%)")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(heatmap, dpi=120)
+    fig.savefig(heatmap, dpi=120, bbox_inches="tight")  # keep the colour bar label inside
     plt.close(fig)
     return [markdown, table, heatmap]

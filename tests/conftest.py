@@ -73,3 +73,13 @@ def copy_task(n_train: int = 64, n_eval: int = 16, seed: int = 0) -> Task:
 @pytest.fixture
 def tokenizer():
     return char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on 127.0.0.1, fresh for each test module that asks."""
+    from servers import start_mlflow
+
+    server = start_mlflow(tmp_path_factory.mktemp("mlflow"))
+    yield server
+    server.stop()

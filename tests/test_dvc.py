@@ -15,7 +15,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from servers import start_mlflow, start_moto_s3
+from servers import start_moto_s3
 
 pytestmark = pytest.mark.server
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,13 +47,6 @@ def set_params(project: Path, **changes) -> None:
             node = node[key]
         node[leaf] = value
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    server = start_mlflow(tmp_path_factory.mktemp("mlflow"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +100,12 @@ def test_training_runs_carry_the_dvc_hash_of_their_data(project, first_repro, ml
     runs = client.search_runs([client.get_experiment_by_name("train").experiment_id])
     assert len(runs) >= 8
     assert {r.data.tags["dvc_data_hash"] for r in runs} == {f"md5:{data_md5}"}
+
+    # The README's way back from a run's hash to its data: the commit that recorded it, then dvc pull.
+    run(project, "git", "add", "dvc.lock", "params.yaml")
+    run(project, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "results")
+    found = run(project, "git", "log", "--format=%H", "-S", data_md5, "--", "dvc.lock").stdout.split()
+    assert found == [run(project, "git", "rev-parse", "HEAD").stdout.strip()]
 
 
 def test_a_bad_user_file_fails_prepare_with_file_and_line_and_keeps_the_data(project, first_repro):

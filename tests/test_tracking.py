@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.exceptions import MlflowException
 
-from servers import free_port, start_mlflow
+from servers import free_port
 from transpeft.adapters import read_manifest
 from transpeft.bases import BaseRef, load_base
 from transpeft.data import load_tasks
@@ -27,13 +27,6 @@ pytestmark = pytest.mark.server
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    running = start_mlflow(tmp_path_factory.mktemp("mlflow"))
-    yield running
-    running.stop()
-
-
-@pytest.fixture(scope="module")
 def family(tmp_path_factory):
     root = tmp_path_factory.mktemp("family")
     build_demo_family(root / "tiny", profile="test", progress=False)
@@ -45,8 +38,8 @@ def base(family, version):
     return load_base(BaseRef(str(family / "tiny" / version)))
 
 
-def test_base_registration_is_idempotent_and_refuses_other_contents(server, family):
-    registry = Registry(server.url)
+def test_base_registration_is_idempotent_and_refuses_other_contents(mlflow_server, family):
+    registry = Registry(mlflow_server.url)
     _, _, v1 = base(family, "v1")
     first = registry.register_base(v1)
     assert registry.register_base(v1) == first
@@ -60,8 +53,8 @@ def test_base_registration_is_idempotent_and_refuses_other_contents(server, fami
     assert registry.client.get_model_version_by_alias("base-tiny", "base-v1").version == first.model_version
 
 
-def test_a_failed_registration_leaves_nothing_that_looks_valid(server, family, monkeypatch):
-    registry = Registry(server.url)
+def test_a_failed_registration_leaves_nothing_that_looks_valid(mlflow_server, family, monkeypatch):
+    registry = Registry(mlflow_server.url)
     _, _, v3 = base(family, "v3")
 
     def broken(*args, **kwargs):
@@ -75,8 +68,8 @@ def test_a_failed_registration_leaves_nothing_that_looks_valid(server, family, m
     assert all(v.tags.get("base_version") != "v3" for v in versions)
 
 
-def test_adapters_are_tracked_per_base_version(server, family, tmp_path):
-    registry = Registry(server.url)
+def test_adapters_are_tracked_per_base_version(mlflow_server, family, tmp_path):
+    registry = Registry(mlflow_server.url)
     model, tokenizer, v1 = base(family, "v1")
     registry.register_base(v1)
     tasks = load_tasks(family / "data", ["reverse", "sort"])
@@ -103,8 +96,8 @@ def test_adapters_are_tracked_per_base_version(server, family, tmp_path):
         registry.register_adapter("support-bot", out, v2, "transferred", manifest.metrics, run_id)
 
 
-def test_a_base_update_makes_one_parent_run_a_child_per_adapter_and_a_report(server, family, tmp_path):
-    registry = Registry(server.url)
+def test_a_base_update_makes_one_parent_run_a_child_per_adapter_and_a_report(mlflow_server, family, tmp_path):
+    registry = Registry(mlflow_server.url)
     model, tokenizer, v1 = base(family, "v1")
     registry.register_base(v1)
     tasks = load_tasks(family / "data", ["reverse"])
@@ -135,8 +128,8 @@ def test_an_unreachable_server_is_an_error_never_a_local_fallback():
         Registry("file:///tmp/mlruns")
 
 
-def test_cli_registers_bases_trains_transfers_and_lists_side_by_side(server, family, tmp_path):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": server.url}
+def test_cli_registers_bases_trains_transfers_and_lists_side_by_side(mlflow_server, family, tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.url}
 
     def cli(*args, check=True):
         done = subprocess.run([sys.executable, "-m", "transpeft.cli", *map(str, args)], capture_output=True,

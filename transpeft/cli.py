@@ -139,10 +139,9 @@ def cmd_train(args) -> int:
                "tokens_per_second": round(result.tokens_per_second)}
     if registry:
         from .tracking import adapter_name
-
-        name = adapter_name(Path(args.out))
         from .versioning import dvc_hash
 
+        name = adapter_name(Path(args.out))
         run_id = registry.log_training(name, Path(args.out), manifest,
                                        extra_tags={"dvc_data_hash": dvc_hash(args.data) or "untracked"})
         record = registry.register_adapter(name, Path(args.out), base, "trained", manifest.metrics, run_id)
@@ -168,10 +167,10 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_adapters
 
     tasks = load_tasks(args.data, args.tasks)
+    registry = _registry(args)  # checked reachable before the work starts
     model, tokenizer, base = load_base(_base_ref(args))
     results = evaluate_adapters(model, tokenizer, base, [Path(a) for a in args.adapters], tasks,
                                 batch_size=args.batch_size, progress=not args.json)
-    registry = _registry(args)
     text = []
     for adapter, rows in results.items():
         if registry and "error" not in rows:

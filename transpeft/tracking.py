@@ -11,8 +11,8 @@ Registry layout (names are what a reviewer searches for in the MLflow UI):
                                on-<base_version> points at the version to serve there
 
 Runs go to experiments named after the step (train, evaluate, transfer): params, the loss curve,
-metrics per task, the dataset hash, and the adapter files as plain artifacts (never
-``mlflow.transformers.log_model``, which corrupts PEFT models on local bases).
+metrics per task, the dataset hash, and the adapter files as plain artifacts (never through MLflow's
+transformers flavour, which corrupts PEFT models on local bases).
 
 Everything talks to one tracking server through an explicit ``MlflowClient``: an unreachable server
 is an error, never a silent fallback to a local file store that would lose the runs.

@@ -74,7 +74,7 @@ def first_repro(project) -> str:
 
 
 def test_repro_runs_every_stage_and_prints_the_transfer_table(project, first_repro):
-    for stage in ("prepare", "bases", "train@reverse-plain-v1", "train@add-transpeft-v1", "transfer", "report"):
+    for stage in ("prepare@reverse", "prepare@add", "bases", "train@reverse-plain-v1", "train@add-transpeft-v1", "transfer", "report"):
         assert f"Running stage '{stage}'" in first_repro
     table = run(project, "dvc", "metrics", "show").stdout
     assert "pipeline/metrics/transpeft-v1/reverse.json" in table
@@ -95,11 +95,15 @@ def test_second_repro_does_nothing_and_p_c_reruns_only_what_depends_on_it(projec
 
 def test_training_runs_carry_the_dvc_hash_of_their_data(project, first_repro, mlflow_server):
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    data_md5 = next(o["md5"] for o in lock["stages"]["prepare"]["outs"] if o["path"] == "pipeline/data")
+    data_md5 = {name.split("@")[1]: stage["outs"][0]["md5"] for name, stage in lock["stages"].items()
+                if name.startswith("prepare@")}
     client = MlflowClient(mlflow_server.url)
     runs = client.search_runs([client.get_experiment_by_name("train").experiment_id])
     assert len(runs) >= 8
-    assert {r.data.tags["dvc_data_hash"] for r in runs} == {f"md5:{data_md5}"}
+    for r in runs:  # adapter names are <task>-<run>
+        task = r.data.tags["adapter"].split("-")[0]
+        assert r.data.tags["dvc_data_hash"] == f"md5:{data_md5[task]}"
+    data_md5 = data_md5["reverse"]
 
     # The README's way back from a run's hash to its data: the commit that recorded it, then dvc pull.
     run(project, "git", "add", "dvc.lock", "params.yaml")
@@ -109,27 +113,28 @@ def test_training_runs_carry_the_dvc_hash_of_their_data(project, first_repro, ml
 
 
 def test_a_bad_user_file_fails_prepare_with_file_and_line_and_keeps_the_data(project, first_repro):
-    before = tree_digest(project / "pipeline/data")
-    bad = project / "datasets/tickets"
-    bad.mkdir()
-    (bad / "train.jsonl").write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "no answer here"}\n')
-    (bad / "eval.jsonl").write_text('{"prompt": "a", "answer": "b"}\n')
-    try:
-        failed = run(project, "dvc", "repro", "prepare", check=False)
-        assert failed.returncode != 0
-        assert "datasets/tickets/train.jsonl:2: row has no 'answer'" in failed.stdout + failed.stderr
-        assert tree_digest(project / "pipeline/data") == before
-    finally:
-        shutil.rmtree(bad)
+    tickets = project / "datasets/tickets"
+    tickets.mkdir()
+    (tickets / "train.jsonl").write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "c", "answer": "d"}\n')
+    (tickets / "eval.jsonl").write_text('{"prompt": "a", "answer": "b"}\n')
+    set_params(project, **{"prepare.tasks.tickets": "datasets/tickets"})
+    run(project, "dvc", "repro", "prepare@tickets")
+    before = tree_digest(project / "pipeline/data/tickets")
+
+    (tickets / "train.jsonl").write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "no answer here"}\n')
+    failed = run(project, "dvc", "repro", "prepare@tickets", check=False)
+    assert failed.returncode != 0
+    assert "datasets/tickets/train.jsonl:2: row has no 'answer'" in failed.stdout + failed.stderr
+    assert tree_digest(project / "pipeline/data/tickets") == before
 
 
 def test_local_remote_push_wipe_pull_gives_identical_bytes(project, first_repro):
-    before = tree_digest(project / "pipeline/data")
-    run(project, "dvc", "push", "pipeline/data")
+    before = tree_digest(project / "pipeline/data/reverse")
+    run(project, "dvc", "push", "pipeline/data/reverse")
     shutil.rmtree(project / ".dvc/cache")
-    shutil.rmtree(project / "pipeline/data")
-    run(project, "dvc", "pull", "pipeline/data")
-    assert tree_digest(project / "pipeline/data") == before
+    shutil.rmtree(project / "pipeline/data/reverse")
+    run(project, "dvc", "pull", "pipeline/data/reverse")
+    assert tree_digest(project / "pipeline/data/reverse") == before
 
 
 def test_s3_remote_round_trip_on_a_local_s3_server(project, first_repro):
@@ -141,16 +146,17 @@ def test_s3_remote_round_trip_on_a_local_s3_server(project, first_repro):
                      region_name="us-east-1").create_bucket(Bucket="transpeft-data")
         run(project, "dvc", "remote", "add", "s3", "s3://transpeft-data/dvc")
         run(project, "dvc", "remote", "modify", "s3", "endpointurl", s3.url)
-        before = tree_digest(project / "pipeline/data")
-        run(project, "dvc", "push", "-r", "s3", "pipeline/data", env=creds)
+        before = tree_digest(project / "pipeline/data/add")
+        run(project, "dvc", "commit", "-f", "prepare@add")  # into the cache, whatever earlier tests wiped
+        run(project, "dvc", "push", "-r", "s3", "pipeline/data/add", env=creds)
         listed = boto3.client("s3", endpoint_url=s3.url, aws_access_key_id="testing",
                               aws_secret_access_key="testing", region_name="us-east-1").list_objects_v2(
             Bucket="transpeft-data", Prefix="dvc/")
         assert listed["KeyCount"] > 0
         shutil.rmtree(project / ".dvc/cache")
-        shutil.rmtree(project / "pipeline/data")
-        run(project, "dvc", "pull", "-r", "s3", "pipeline/data", env=creds)
-        assert tree_digest(project / "pipeline/data") == before
+        shutil.rmtree(project / "pipeline/data/add")
+        run(project, "dvc", "pull", "-r", "s3", "pipeline/data/add", env=creds)
+        assert tree_digest(project / "pipeline/data/add") == before
     finally:
         run(project, "dvc", "remote", "remove", "s3", check=False)
         s3.stop()

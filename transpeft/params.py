@@ -22,7 +22,7 @@ class ParamsError(ValueError):
 
 @dataclass(frozen=True)
 class Prepare:
-    demo_tasks: tuple[str, ...]  # generated demo tasks; users' task folders come from datasets/
+    tasks: dict[str, str]  # task name -> source: the demo generator's path, or a task folder
     seed: int = 0
     n_train: int = 2000
     n_eval: int = 200

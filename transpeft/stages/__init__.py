@@ -12,4 +12,3 @@ BASES = PIPELINE / "bases"
 ADAPTERS = PIPELINE / "adapters"
 METRICS = PIPELINE / "metrics"
 REPORT = PIPELINE / "report"
-USER_DATASETS = Path("datasets")

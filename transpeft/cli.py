@@ -240,16 +240,16 @@ def cmd_bases_list(args) -> int:
 
 
 def cmd_adapters_list(args) -> int:
+    from .report import registry_matrix
+
     records = _registry(args).adapters()
-    versions = sorted({r.base_version for rows in records.values() for r in rows})
+    matrix = registry_matrix(records)
+    versions = sorted({v for row in matrix.values() for v in row})
+    serving = {name: {r.base_version for r in rows if r.serving} for name, rows in records.items()}
     lines = [f"{'adapter':<20}" + "".join(f"{v:>24}" for v in versions)]
-    for name, rows in sorted(records.items()):
-        latest = {r.base_version: r for r in rows}
-        cells = []
-        for v in versions:
-            r = latest.get(v)
-            mean = sum(r.metrics.values()) / len(r.metrics) if r and r.metrics else None
-            cells.append("-" if r is None else f"{100 * mean:5.1f} {r.status}" + ("*" if r.serving else ""))
+    for name, row in sorted(matrix.items()):
+        cells = ["-" if v not in row else f"{100 * row[v][0]:5.1f} {row[v][1]}" + ("*" if v in serving[name] else "")
+                 for v in versions]
         lines.append(f"{name:<20}" + "".join(f"{c:>24}" for c in cells))
     lines.append("mean exact match (%) over the adapter's tasks, registry status; * = served on that base")
     _emit(args, {name: [r.__dict__ for r in rows] for name, rows in records.items()}, "\n".join(lines))

@@ -111,23 +111,9 @@ def evaluate_adapters(base_model, tokenizer, base, adapter_dirs, tasks, batch_si
     Each adapter is scored on the tasks it was trained on (all ``tasks`` if none of them match).
     A failing adapter gets ``{"error": ...}`` and never stops the others.
     """
-    from tqdm.auto import tqdm
+    from .transfer import transfer_fleet
 
-    from .adapters import AdapterFileError, read_manifest
-    from .transfer import IncompatibleBase, load_adapter, unload_adapter
-
-    results = {}
-    for directory in tqdm(adapter_dirs, desc="evaluate", unit="adapter", disable=not progress, leave=False):
-        try:
-            manifest = read_manifest(directory)
-            model = load_adapter(base_model, base, directory)
-        except (AdapterFileError, IncompatibleBase) as e:
-            results[str(directory)] = {"error": str(e)}
-            continue
-        own = [t for t in tasks if t.name in manifest.tasks] or list(tasks)
-        try:
-            results[str(directory)] = {t.name: evaluate(model, tokenizer, list(t.eval), batch_size).as_dict()
-                                       for t in own}
-        finally:
-            base_model = unload_adapter(model, manifest.method.name)
-    return results
+    outcomes = transfer_fleet(base_model, tokenizer, base, list(adapter_dirs), tasks, batch_size=batch_size,
+                              progress=progress)
+    return {key: o["new"] if o["verdict"] == "compatible" else {"error": "; ".join(o["mismatches"])}
+            for key, o in outcomes.items()}

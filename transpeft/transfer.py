@@ -97,7 +97,8 @@ def unload_adapter(model: nn.Module, method_name: str) -> nn.Module:
 
 
 def transfer_fleet(model: nn.Module, tokenizer, target: BaseInfo, adapter_dirs: list[Path], tasks,
-                   old_metrics: dict[str, dict] | None = None, progress: bool = False) -> dict[str, dict]:
+                   old_metrics: dict[str, dict] | None = None, batch_size: int = 32,
+                   progress: bool = False) -> dict[str, dict]:
     """Put each adapter on ``target`` (loaded once) and score it on its tasks.
 
     Returns, per adapter folder, ``{"verdict": "compatible", "old": ..., "new": ..., "retention": ...}`` or
@@ -111,7 +112,7 @@ def transfer_fleet(model: nn.Module, tokenizer, target: BaseInfo, adapter_dirs: 
     from .evaluate import evaluate
 
     outcomes = {}
-    for directory in tqdm(adapter_dirs, desc="transfer", unit="adapter", disable=not progress, leave=False):
+    for directory in tqdm(adapter_dirs, desc="evaluate", unit="adapter", disable=not progress, leave=False):
         key = str(directory)
         try:
             manifest = read_manifest(directory)
@@ -124,7 +125,7 @@ def transfer_fleet(model: nn.Module, tokenizer, target: BaseInfo, adapter_dirs: 
             continue
         try:
             own = [t for t in tasks if t.name in manifest.tasks] or list(tasks)
-            new = {t.name: evaluate(adapted, tokenizer, list(t.eval)).as_dict() for t in own}
+            new = {t.name: evaluate(adapted, tokenizer, list(t.eval), batch_size).as_dict() for t in own}
         finally:
             model = unload_adapter(adapted, manifest.method.name)
         old = (old_metrics or {}).get(key, manifest.metrics)

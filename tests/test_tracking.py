@@ -143,9 +143,9 @@ def test_cli_registers_bases_trains_transfers_and_lists_side_by_side(mlflow_serv
     assert refused.returncode == 2 and "base tiny/v3 is not in the registry" in refused.stderr
     assert not (tmp_path / "a").exists()  # refused before training
 
-    cli("bases", "register", "--base", bases / "v1")
+    cli("bases", "register", "--base", bases / "v1", "--no-event")  # events: tests/test_events.py
     cli("train", "--base", bases / "v1", *common, "--out", tmp_path / "faq-bot", "--track")
-    cli("bases", "register", "--base", bases / "v2", "--parent", "v1")
+    cli("bases", "register", "--base", bases / "v2", "--parent", "v1", "--no-event")
     cli("transfer", tmp_path / "faq-bot", "--to", bases / "v2", "--data", family / "data", "--track")
     listed = json.loads(cli("adapters", "list", "--json").stdout)["faq-bot"]
     assert [(r["base_version"], r["status"]) for r in listed] == [("v1", "trained"), ("v2", "transferred")]

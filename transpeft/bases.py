@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -132,8 +135,47 @@ def load_base(ref: BaseRef, dtype: torch.dtype = torch.float32, device: str | No
     if device:
         model.to(device)
     model.eval()
-    info = BaseInfo(
-        family=ref.resolved_family(), version=ref.resolved_version(), source=ref.source,
+    info = BaseInfo(  # a local source is recorded absolute: workers elsewhere in the tree load it too
+        family=ref.resolved_family(), version=ref.resolved_version(),
+        source=str(Path(ref.source).resolve()) if ref.is_local else ref.source,
         revision=ref.revision, fingerprint=fingerprint(model, tokenizer), signature=signature(model, tokenizer),
     )
     return model, tokenizer, info
+
+
+class BaseLender:
+    """Base instances shared by concurrent users in one process: loaded once per concurrent slot.
+
+    A PEFT adapter is injected into the model it is loaded onto, so two adapters cannot share one
+    instance at the same time. The lender hands each borrower an idle instance of the base, loads
+    another only when all are lent out, and takes back only instances returned clean (the
+    borrower sets ``slot.model`` to the unloaded base; an exception, or ``slot.broken``, drops it).
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._idle: dict[BaseRef, list] = {}
+        self._loading: dict[BaseRef, threading.Lock] = {}
+
+    @contextmanager
+    def borrow(self, ref: BaseRef):
+        with self._lock:
+            idle = self._idle.setdefault(ref, [])
+            slot = idle.pop() if idle else None
+            loading = self._loading.setdefault(ref, threading.Lock())
+        if slot is None:
+            with loading:  # one load at a time per base: a second slot waits instead of doubling the I/O
+                model, tokenizer, info = load_base(ref)
+            slot = SimpleNamespace(model=model, tokenizer=tokenizer, info=info)
+        yield slot
+        if not getattr(slot, "broken", False):
+            with self._lock:
+                self._idle[ref].append(slot)
+
+
+_LENDER = BaseLender()  # one per process: Prefect threads share it, each Dask worker process has its own
+
+
+def lend_base(ref: BaseRef):
+    """This process's lender's ``borrow(ref)``: ``with lend_base(ref) as slot: slot.model ...``."""
+    return _LENDER.borrow(ref)

@@ -149,8 +149,9 @@ def read_config(directory: Path) -> BottleneckConfig:
     return BottleneckConfig(**raw)
 
 
-def load(model: nn.Module, directory: Path) -> nn.Module:
-    """Attach adapters as saved in ``directory`` and load their weights; every weight must land."""
+def load(model: nn.Module, directory: Path, trainable: bool = False) -> nn.Module:
+    """Attach adapters as saved in ``directory`` and load their weights; every weight must land.
+    Frozen unless ``trainable`` (a warm start)."""
     attach(model, read_config(directory))
     weights = load_file(str(directory / WEIGHTS_NAME))
     expected = adapter_state_dict(model)
@@ -164,4 +165,6 @@ def load(model: nn.Module, directory: Path) -> nn.Module:
             raise ValueError(f"{key}: adapter weight has shape {tuple(tensor.shape)}, "
                              f"this base expects {tuple(expected[key].shape)}")
     model.load_state_dict(weights, strict=False)
+    for name, param in model.named_parameters():
+        param.requires_grad_(trainable and ".adapter." in name)
     return model

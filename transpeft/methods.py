@@ -46,7 +46,7 @@ class MethodConfig:
 class Method:
     attach: Callable[[nn.Module, MethodConfig], nn.Module]  # returns the trainable model
     save: Callable[[nn.Module, Path], None]
-    load: Callable[[nn.Module, Path], nn.Module]  # returns the adapted model, frozen
+    load: Callable[..., nn.Module]  # (model, directory, trainable=False): the adapted model
     detach: Callable[[nn.Module], nn.Module]  # returns the base model, as it was
     adapter_state: Callable[[nn.Module], dict[str, torch.Tensor]]  # keyed as in the weights file
 
@@ -55,7 +55,8 @@ def _peft_method(make_config: Callable[[MethodConfig], object]) -> Method:
     return Method(
         attach=lambda model, cfg: get_peft_model(model, make_config(cfg)),
         save=lambda model, directory: model.save_pretrained(str(directory)),
-        load=lambda model, directory: PeftModel.from_pretrained(model, str(directory)),
+        load=lambda model, directory, trainable=False: PeftModel.from_pretrained(model, str(directory),
+                                                                                  is_trainable=trainable),
         detach=lambda model: model.unload(),
         adapter_state=lambda model: get_peft_model_state_dict(model),
     )

@@ -1,7 +1,7 @@
 """params.yaml as typed, validated objects: configuration enters once, here.
 
 Each top-level key belongs to one dvc.yaml stage of the same name (prepare, bases, train, transfer,
-report) or to the revalidation policy (gate, tracking). A bad value fails on load with the key's
+report) or to the Prefect side (gate, nightly, fanout, tracking). A bad value fails on load with the key's
 path, e.g. ``params.yaml: train.runs.transpeft-v1.p_c must be in [0, 1), got 1.5``.
 """
 
@@ -68,6 +68,24 @@ class Gate:
     beat_zero_shot: bool  # must beat the new base without any adapter
     on_fail: str  # retune or flag
     retune_steps: int
+    retune_p_c: float = 0.1  # re-tuning is Trans-PEFT again, so the adapter stays transferable
+    retune_p_i: float = 0.0
+
+
+@dataclass(frozen=True)
+class Nightly:
+    cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+    tolerance: float = 0.02  # an exact match this far below the registry's baseline is a regression
+
+
+@dataclass(frozen=True)
+class Fanout:
+    """Where per-adapter tasks run: threads in the flow's process, or a Dask cluster."""
+
+    task_runner: str = "threads"  # threads or dask
+    max_workers: int = 2  # threads, or local Dask worker processes
+    dask_address: str | None = None  # an existing cluster (tcp://host:8786); None: a local one
 
 
 @dataclass(frozen=True)
@@ -79,6 +97,8 @@ class Params:
     report: dict
     gate: Gate
     tracking: dict
+    nightly: Nightly = Nightly()
+    fanout: Fanout = Fanout()
 
 
 def _build(cls, raw, where: str):
@@ -123,6 +143,35 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     gate = _build(Gate, raw["gate"], "gate")
     if gate.on_fail not in ("retune", "flag"):
         raise ParamsError(f"params.yaml: gate.on_fail must be retune or flag, got {gate.on_fail!r}")
+    if not 0 <= gate.retune_p_c < 1 or not 0 <= gate.retune_p_i < 1:
+        raise ParamsError("params.yaml: gate.retune_p_c and gate.retune_p_i must be in [0, 1)")
+    fanout = _build(Fanout, raw.get("fanout") or {}, "fanout")
+    if fanout.task_runner not in ("threads", "dask"):
+        raise ParamsError(f"params.yaml: fanout.task_runner must be threads or dask, got {fanout.task_runner!r}")
+    if fanout.max_workers < 1:
+        raise ParamsError(f"params.yaml: fanout.max_workers must be >= 1, got {fanout.max_workers}")
+    nightly = _build(Nightly, raw.get("nightly") or {}, "nightly")
+    if len(nightly.cron.split()) != 5:
+        raise ParamsError(f"params.yaml: nightly.cron must be a 5-field cron expression, got {nightly.cron!r}")
     return Params(prepare=_build(Prepare, raw["prepare"], "prepare"), bases=bases, train=train,
                   transfer=raw.get("transfer") or {}, report=raw.get("report") or {}, gate=gate,
-                  tracking=raw.get("tracking") or {})
+                  tracking=raw.get("tracking") or {}, nightly=nightly, fanout=fanout)
+
+
+def lookup(params: Params, dotted: str):
+    """The value at a dotted key, e.g. ``nightly.cron``."""
+    value = params
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else getattr(value, part, None)
+        if value is None:
+            raise ParamsError(f"params.yaml has no value at {dotted}")
+    return value
+
+
+if __name__ == "__main__":  # python -m transpeft.params nightly.cron   (prefect.yaml reads its schedule so)
+    import sys
+
+    try:
+        print(lookup(load_params(), sys.argv[1]))
+    except (IndexError, ParamsError) as e:
+        sys.exit(f"usage: python -m transpeft.params <dotted.key>: {e}")

@@ -63,3 +63,21 @@ def write_report(matrix: Matrix, out: Path, title: str) -> list[Path]:
     fig.savefig(heatmap, dpi=120, bbox_inches="tight")  # keep the colour bar label inside
     plt.close(fig)
     return [markdown, table, heatmap]
+
+
+def write_decisions(outcomes: list, out: Path, title: str) -> Path:
+    """gate_decisions.md: per adapter, where it came from, its scores and what the gate decided."""
+    def scores(values: dict | None) -> str:
+        return "-" if values is None else ", ".join(f"{t} {100 * v:.1f}" for t, v in sorted(values.items()))
+
+    lines = [f"# {title}", "", "Exact match (%) per task: on the old base (registry), transferred to the new "
+             "base, the new base alone (zero-shot), and after re-tuning.", "",
+             "| adapter | from | decision | old | new | zero-shot | re-tuned | why |", "|---|---|---|---|---|---|---|---|"]
+    for o in sorted(outcomes, key=lambda o: o.adapter):
+        why = "; ".join(o.reasons).replace("|", "/") or "-"
+        lines.append(f"| {o.adapter} | {o.source_version} | **{o.decision}** | {scores(o.old)} | {scores(o.new)} "
+                     f"| {scores(o.zero_shot)} | {scores(o.retuned)} | {why} |")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "gate_decisions.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

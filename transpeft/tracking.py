@@ -86,6 +86,8 @@ class BaseRecord:
     source: str
     parent: str | None
     model_version: str  # MLflow's version number within base-<family>
+    revision: str | None = None
+    revalidation: str | None = None  # done / incomplete once transfer-on-base-update ran for it
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ class AdapterRecord:
     metrics: dict[str, float]  # exact match per task on that base
     model_version: str
     serving: bool  # the on-<base_version> alias points here
+    run_id: str = ""  # the run holding the adapter files under adapter/
 
 
 class Registry:
@@ -156,6 +159,7 @@ class Registry:
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "base.json").write_text(json.dumps({**base.as_dict(), "parent": parent}, indent=2))
             self.client.log_artifacts(run_id, tmp, "base")
+        # status "registering": the webhook receiver skips it, this registration announces itself.
         tags = {"base_version": base.version, "fingerprint": base.fingerprint, "source": base.source,
                 "revision": base.revision or "", "parent": parent or "", "status": "registering"}
         version = self._create_version(name, run_id, "base", tags,
@@ -171,6 +175,27 @@ class Registry:
         self.finish_run(run_id)
         return self._base_versions(base.family)[base.version]
 
+    def adopt_base(self, family: str, version: str) -> BaseRecord:
+        """A base version created straight in MLflow (UI or API) with tags ``base_version`` and
+        ``source`` (a directory, or a hub id with ``revision``): loaded, fingerprinted, made ready."""
+        from .bases import BaseRef, load_base
+
+        found = [mv for mv in self._versions(BASE_PREFIX + family)
+                 if mv.tags.get("base_version", mv.version) == version and mv.tags.get("status") != "ready"]
+        if not found or not found[-1].tags.get("source"):
+            raise NotRegistered(
+                f"base {family}/{version} is not in the registry with a source to load it from; create the MLflow "
+                f"version of base-{family} with tags base_version={version} and source=<directory or hub id> "
+                f"(and revision=<commit> for a hub id), or use `transpeft bases register`")
+        mv = found[-1]
+        _, _, info = load_base(BaseRef(mv.tags["source"], mv.tags.get("revision") or None, family, version))
+        parent = mv.tags.get("parent") or None
+        for key, value in (("base_version", version), ("fingerprint", info.fingerprint), ("source", info.source),
+                           ("parent", parent or ""), ("status", "ready")):
+            self.client.set_model_version_tag(BASE_PREFIX + family, mv.version, key, value)
+        self.client.set_registered_model_alias(BASE_PREFIX + family, _alias(f"base-{version}"), mv.version)
+        return self._base_versions(family)[version]
+
     def _base_versions(self, family: str) -> dict[str, BaseRecord]:
         records = {}
         for mv in self._versions(BASE_PREFIX + family):
@@ -178,12 +203,21 @@ class Registry:
                 continue
             records[mv.tags["base_version"]] = BaseRecord(
                 family=family, version=mv.tags["base_version"], fingerprint=mv.tags["fingerprint"],
-                source=mv.tags.get("source", ""), parent=mv.tags.get("parent") or None, model_version=mv.version)
+                source=mv.tags.get("source", ""), parent=mv.tags.get("parent") or None, model_version=mv.version,
+                revision=mv.tags.get("revision") or None, revalidation=mv.tags.get("revalidation") or None)
         return records
 
     def bases(self, family: str | None = None) -> list[BaseRecord]:
+        """Registered base versions, each family's in registration order (oldest first)."""
         families = [family] if family else [m.name.removeprefix(BASE_PREFIX) for m in self._models(BASE_PREFIX)]
-        return [r for f in families for r in self._base_versions(f).values()]
+        return [r for f in families
+                for r in sorted(self._base_versions(f).values(), key=lambda r: int(r.model_version))]
+
+    def mark_revalidation(self, family: str, version: str, state: str, run_id: str) -> None:
+        """Record on the base version that its revalidation ran (state done) or left work (incomplete)."""
+        record = self.base(family, version)
+        for key, value in (("revalidation", state), ("revalidation_run", run_id)):
+            self.client.set_model_version_tag(BASE_PREFIX + family, record.model_version, key, value)
 
     def base(self, family: str, version: str) -> BaseRecord:
         record = self._base_versions(family).get(version)
@@ -218,7 +252,8 @@ class Registry:
         return run_id
 
     def register_adapter(self, name: str, adapter_dir: Path, base: BaseInfo, status: str, metrics: dict,
-                         run_id: str, transferred_from: str | None = None, serve: bool = True) -> AdapterRecord:
+                         run_id: str, transferred_from: str | None = None, serve: bool = True,
+                         tags: dict | None = None) -> AdapterRecord:
         """Record that the adapter (files logged under ``run_id``/adapter) is valid on ``base``."""
         if status not in ADAPTER_STATUSES:
             raise ValueError(f"adapter status must be one of {ADAPTER_STATUSES}, got {status!r}")
@@ -239,7 +274,8 @@ class Registry:
                 "transferred_from": transferred_from or "", "trained_on": manifest.base.version,
                 "base_family": base.family, "base_fingerprint": base.fingerprint,
                 "dataset_hash": manifest.dataset_hash, "method": manifest.method.name, "p_i": manifest.p_i,
-                "p_c": manifest.p_c, "seed": manifest.seed, "weights_sha256": manifest.weights_sha256}
+                "p_c": manifest.p_c, "seed": manifest.seed, "weights_sha256": manifest.weights_sha256,
+                **(tags or {})}
         version = self._create_version(model, run_id, "adapter", tags,
                                        f"{name} on {base.family}/{base.version}: {status}")
         if serve:
@@ -261,11 +297,16 @@ class Registry:
             tags = mv.tags
             records.append(AdapterRecord(
                 name=name, base_family=tags["base_family"], base_version=tags["base_version"], status=tags["status"],
-                transferred_from=tags.get("transferred_from") or None, model_version=mv.version,
+                transferred_from=tags.get("transferred_from") or None, model_version=mv.version, run_id=mv.run_id,
                 metrics={k.removeprefix("exact_match."): float(v) for k, v in tags.items()
                          if k.startswith("exact_match.")},
                 serving=aliases.get(_alias(f"on-{tags['base_version']}")) == mv.version))
         return sorted(records, key=lambda r: int(r.model_version))
+
+    def download_adapter(self, record: AdapterRecord, into: Path) -> Path:
+        """The adapter files of a registered version, downloaded to ``into``/adapter."""
+        Path(into).mkdir(parents=True, exist_ok=True)
+        return Path(self.client.download_artifacts(record.run_id, "adapter", str(into)))
 
     def adapters(self) -> dict[str, list[AdapterRecord]]:
         return {m.name.removeprefix(ADAPTER_PREFIX): self.adapter_versions(m.name.removeprefix(ADAPTER_PREFIX))

@@ -149,14 +149,19 @@ def dataset_hash(tasks: list[Task]) -> str:
 
 
 def train_adapter(base_model, tokenizer, base: BaseInfo, tasks: list[Task], method: MethodConfig,
-                  config: TrainConfig, out: str | Path, progress: bool = True):
+                  config: TrainConfig, out: str | Path, progress: bool = True, warm_start: str | Path | None = None):
     """Train one adapter on ``tasks`` (mixed), evaluate it on their eval sets, save it to ``out``.
 
+    ``warm_start``: an adapter folder whose weights training starts from (re-tuning a transferred
+    adapter on a new base) instead of a fresh initialisation.
     Returns (adapted model, manifest, train result). The base model is wrapped in place; unload
     the adapter with ``transfer.unload_adapter`` to reuse the base.
     """
     set_seed(config.seed)  # the adapter's initial weights come from this seed too
-    model = get_method(method.name).attach(base_model, method)
+    if warm_start is None:
+        model = get_method(method.name).attach(base_model, method)
+    else:
+        model = get_method(method.name).load(base_model, Path(warm_start), trainable=True)
     examples = [ex for task in tasks for ex in task.train]
     result = train_loop(model, tokenizer, examples, config, progress)
     metrics = {task.name: evaluate(model, tokenizer, list(task.eval)).as_dict() for task in tasks}
@@ -165,6 +170,7 @@ def train_adapter(base_model, tokenizer, base: BaseInfo, tasks: list[Task], meth
         p_i=config.p_i, p_c=config.p_c, seed=config.seed, targets=adapted_targets(model),
         training={**asdict(config), "final_loss": result.losses[-1], "tokens": result.tokens,
                   "seconds": round(result.seconds, 2), "ffn_dropped": result.ffn_dropped,
+                  "warm_start": str(warm_start) if warm_start else None,
                   "loss_curve": [round(x, 5) for x in result.losses]},
         metrics=metrics, library_versions=library_versions(),
     )

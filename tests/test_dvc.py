@@ -112,6 +112,19 @@ def test_training_runs_carry_the_dvc_hash_of_their_data(project, first_repro, ml
     assert found == [run(project, "git", "rev-parse", "HEAD").stdout.strip()]
 
 
+def test_prepare_data_flow_reproduces_pushes_and_returns_the_dvc_hashes(project, first_repro, prefect_server):
+    """The prepare-data Prefect flow, run as the worker runs it: from the project root."""
+    remote = Path(run(project, "dvc", "remote", "list").stdout.split()[1])
+    shutil.rmtree(remote, ignore_errors=True)
+    script = "import json; from flows.prepare_data import prepare_data; print(json.dumps(prepare_data()))"
+    done = run(project, sys.executable, "-c", script, env={"PYTHONPATH": str(ROOT), "PREFECT_API_URL": prefect_server})
+    hashes = json.loads(done.stdout.strip().splitlines()[-1])
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert hashes == {task: "md5:" + lock[f"prepare@{task}"]["outs"][0]["md5"] for task in hashes}
+    assert sorted(hashes) == ["add", "lookup", "reverse", "sort"]
+    assert any(remote.rglob("*")), "dvc push put nothing on the remote"
+
+
 def test_a_bad_user_file_fails_prepare_with_file_and_line_and_keeps_the_data(project, first_repro):
     tickets = project / "datasets/tickets"
     tickets.mkdir()

@@ -1,0 +1,57 @@
+"""Prefect flows: each puts tasks/ in order; the deployments are in prefect.yaml.
+
+    prepare-data             dvc repro of the prepare stage, dvc push, the dataset hashes
+    finetune-adapters        one adapter per task x run of params.yaml, Trans-PEFT, registered in MLflow
+    register-base            a base version into MLflow, then the event that starts its revalidation
+    transfer-on-base-update  every adapter of the family onto the new version: judged, re-tuned or flagged
+    nightly-regression       revalidate what was missed, re-evaluate every served adapter
+
+Run from the project root (the worker does): params.yaml and pipeline/ are found from there.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from transpeft.params import Fanout, ParamsError, load_params
+from transpeft.tracking import tracking_uri
+
+PARAMS = os.environ.get("TRANSPEFT_PARAMS", "params.yaml")
+
+
+def fanout_runner(fanout: Fanout | None = None):
+    """The task runner for per-adapter fan-out, as params.yaml's ``fanout`` says."""
+    if fanout is None:
+        try:
+            fanout = load_params(PARAMS).fanout
+        except ParamsError:  # imported away from a project (e.g. by `prefect deploy` elsewhere)
+            fanout = Fanout()
+    if fanout.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if fanout.dask_address:
+            return DaskTaskRunner(address=fanout.dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": fanout.max_workers, "threads_per_worker": 1,
+                                              "processes": True, "dashboard_address": None})
+    return ThreadPoolTaskRunner(max_workers=fanout.max_workers)
+
+
+def registry_uri(params_file: str = PARAMS) -> str:
+    """The MLflow server the flows talk to: params.yaml's tracking.uri, else $MLFLOW_TRACKING_URI."""
+    return tracking_uri(load_params(params_file).tracking.get("uri"))
+
+
+def failure(*chain) -> str | None:
+    """Why a chain of task futures (each feeding the next) did not complete; None when it did.
+    A task whose input failed only says NotReady, so the first failed link is the one to report."""
+    for future in chain:
+        future.wait()
+        if not future.state.is_completed():
+            try:
+                future.result()
+            except Exception as e:  # the task's own error, re-raised from its state
+                return f"{type(e).__name__}: {e}"
+            return future.state.message or future.state.name
+    return None

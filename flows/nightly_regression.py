@@ -1,0 +1,58 @@
+"""nightly-regression: catch what was missed, then check every served adapter still scores.
+
+    prefect deployment run 'nightly-regression/served-adapters'
+
+Scheduled by prefect.yaml at params.yaml's ``nightly.cron`` (02:00 UTC by default). First the
+reconciler: any base version whose revalidation never finished (its event was lost, or an adapter
+crashed) is revalidated now. Then every served adapter is re-evaluated on its base and compared
+with the baseline recorded in the registry; the run is logged to MLflow (experiment `nightly`)
+and ends Failed, listing the regressions, when there are any.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+
+from flows import PARAMS, failure, fanout_runner, registry_uri
+from flows.transfer_on_base_update import transfer_on_base_update
+from tasks.nightly import find_served, find_unrevalidated, record_results, score_served
+from transpeft.params import load_params
+
+
+class Regressions(RuntimeError):
+    """Served adapters that score below their registry baseline."""
+
+
+@flow(name="nightly-regression", task_runner=fanout_runner(), log_prints=True)
+def nightly_regression(family: str | None = None, data_dir: str = "pipeline/data", params_file: str = PARAMS) -> dict:
+    """Reconcile missed revalidations, then re-evaluate every served adapter (of ``family``, or all)."""
+    logger = get_run_logger()
+    uri, tolerance = registry_uri(params_file), load_params(params_file).nightly.tolerance
+
+    reconciled = []
+    for base in find_unrevalidated(uri, family):
+        logger.info("reconciler: %s/%s has no finished revalidation; running it", base.family, base.version)
+        state = transfer_on_base_update(base.family, base.version, data_dir, params_file, return_state=True)
+        reconciled.append(f"{base.family}/{base.version}: {state.name}")
+
+    checks = [(base, records, score_served.submit(uri, base, records, data_dir, tolerance))
+              for base, records in find_served(uri, family)]
+    results = []
+    for base, records, future in checks:  # a base that cannot be scored fails each of its adapters
+        error = failure(future)
+        results += future.result() if error is None else [
+            {"adapter": r.name, "base_family": base.family, "base_version": base.version,
+             "model_version": r.model_version, "baseline": r.metrics, "current": {},
+             "regressions": [f"cannot be evaluated: {error}"]} for r in records]
+    run_id = record_results(uri, results, tolerance)
+    failing = [f"{r['adapter']} on {r['base_family']}/{r['base_version']}: {'; '.join(r['regressions'])}"
+               for r in results if r["regressions"]]
+    print(f"{len(results)} served adapters checked, {len(failing)} regressed; reconciled {reconciled or 'nothing'}; "
+          f"MLflow run {run_id}")
+    if failing:
+        raise Regressions(f"{len(failing)} served adapters regressed:\n  " + "\n  ".join(failing))
+    return {"checked": len(results), "regressions": 0, "reconciled": reconciled, "run_id": run_id}
+
+
+if __name__ == "__main__":
+    nightly_regression()

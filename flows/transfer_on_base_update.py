@@ -1,0 +1,76 @@
+"""transfer-on-base-update: a new base version arrived; carry every adapter of its family over.
+
+    prefect deployment run 'transfer-on-base-update/all-adapters' -p family=demo -p version=v2
+
+Started by itself when a base version is registered (the `transpeft.base.registered` event, see
+prefect.yaml). For each adapter served on an earlier version of the family: fetch its files from
+MLflow, put it on the new base (loaded once per concurrent slot, not per adapter), evaluate, gate,
+then register it on the new base, re-tune it or flag it (params.yaml `gate`). Adapters run
+concurrently and independently: one failing never stops the others. Running it again for the same
+base registers nothing twice: adapters already on the new base are left as they are.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from flows import PARAMS, failure, fanout_runner, registry_uri
+from tasks.revalidate import close_run, fetch_adapter, judge_adapter, open_run, plan_revalidation, record
+from transpeft.params import load_params
+
+
+@flow(name="transfer-on-base-update", task_runner=fanout_runner(), log_prints=True)
+def transfer_on_base_update(family: str, version: str, data_dir: str = "pipeline/data",
+                            params_file: str = PARAMS) -> dict:
+    """Transfer, judge and re-register every adapter of ``family`` on base ``version``."""
+    logger = get_run_logger()
+    uri, gate = registry_uri(params_file), load_params(params_file).gate
+    revalidation = plan_revalidation(uri, family, version)
+    logger.info("%s/%s: %d adapters to carry over, %d already there", family, version,
+                len(revalidation.candidates), len(revalidation.done))
+    parent_run = open_run(uri, revalidation)
+
+    with tempfile.TemporaryDirectory(prefix=f"revalidate-{family}-{version}-") as workdir:
+        chains = []
+        for candidate in revalidation.candidates:
+            files = fetch_adapter.submit(uri, candidate, workdir)
+            outcome = judge_adapter.submit(files, candidate, revalidation.target, data_dir, gate, workdir)
+            chains.append((candidate, (files, outcome, record.submit(uri, parent_run, revalidation.target, outcome))))
+        outcomes, crashed = [], []
+        for candidate, chain in chains:
+            error = failure(*chain)
+            if error is None:
+                outcomes.append(chain[-1].result())
+                logger.info("%s: %s", candidate.name, outcomes[-1]["decision"])
+            else:  # a crash, after retries for transient I/O: reported, and left for the reconciler
+                crashed.append(candidate.name)
+                outcomes.append({"adapter": candidate.name, "source_version": candidate.source.base_version,
+                                 "decision": "failed", "reasons": [f"crashed: {error}"]})
+                logger.error("%s: crashed: %s", candidate.name, error)
+
+    summary = close_run(uri, parent_run, revalidation, outcomes, crashed)
+    create_markdown_artifact(key="gate-decisions", description=f"Revalidation of {family}/{version}",
+                             markdown=_summary_markdown(summary, outcomes))
+    print(f"{family}/{version}: {summary['passed']} passed, {summary['retuned']} re-tuned, "
+          f"{summary['flagged'] + summary['failed']} failed ({summary['flagged']} flagged, {summary['failed']} "
+          f"could not be evaluated), {summary['already_done']} already there; MLflow run {parent_run}")
+    return summary
+
+
+def _summary_markdown(summary: dict, outcomes: list[dict]) -> str:
+    lines = [f"# Revalidation of {summary['base']}", "",
+             f"passed {summary['passed']}, re-tuned {summary['retuned']}, flagged {summary['flagged']}, "
+             f"failed {summary['failed']}, already there {summary['already_done']} (MLflow run {summary['run_id']})",
+             "", "| adapter | from | decision | why |", "|---|---|---|---|"]
+    lines += [f"| {o['adapter']} | {o['source_version']} | {o['decision']} | {'; '.join(o['reasons']) or '-'} |"
+              for o in sorted(outcomes, key=lambda o: o["adapter"])]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    transfer_on_base_update(family=sys.argv[1], version=sys.argv[2])

@@ -1,0 +1,31 @@
+"""Prefect tasks: small typed verbs over the transpeft library, one module per step.
+
+Tasks hold no ML logic; they add what orchestration needs: retries on transient I/O only (a
+server or network briefly away, never a bad adapter or a diverged run), logging, and inputs and
+outputs small enough to cross to a Dask worker process.
+"""
+
+import urllib.error
+
+import requests
+from mlflow.exceptions import MlflowException
+
+from transpeft.events import EventNotDelivered
+from transpeft.tracking import TrackingUnavailable
+
+TRANSIENT = (ConnectionError, TimeoutError, urllib.error.URLError, requests.ConnectionError, requests.Timeout,
+             TrackingUnavailable, EventNotDelivered)
+RETRY = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}
+
+
+def is_transient(error: BaseException) -> bool:
+    if isinstance(error, TRANSIENT):
+        return True
+    # MLflow's client retries 429/5xx itself and then raises this; anything else is a real answer.
+    return isinstance(error, MlflowException) and error.error_code in ("TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR")
+
+
+def transient_io(task, task_run, state) -> bool:
+    """Prefect retry condition: retry only when the failure is transient I/O."""
+    error = state.result(raise_on_failure=False)
+    return isinstance(error, BaseException) and is_transient(error)

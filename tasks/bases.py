@@ -1,0 +1,30 @@
+"""Tasks of register-base: the version into MLflow, then the event that starts its revalidation."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from transpeft.bases import BaseRef, load_base
+from transpeft.events import base_registered_event, emit
+from transpeft.tracking import BaseRecord, Registry
+
+from . import RETRY, transient_io
+
+IO = {**RETRY, "retry_condition_fn": transient_io, "cache_policy": NO_CACHE}
+
+
+@task(**IO)
+def register(uri: str, ref: BaseRef, parent: str | None) -> BaseRecord:
+    """Load the base (fingerprint) and register it; the same base again is a no-op."""
+    _, _, info = load_base(ref)
+    return Registry(uri).register_base(info, parent=parent)
+
+
+@task(**IO)
+def announce(record: BaseRecord, prefect_api_url: str | None = None) -> str:
+    """Emit `transpeft.base.registered` for it; returns the event id."""
+    event = base_registered_event(record.family, record.version, fingerprint=record.fingerprint,
+                                  mlflow_version=record.model_version, source=record.source, parent=record.parent,
+                                  announced_by="register-base-flow")
+    return emit(event, prefect_api_url)

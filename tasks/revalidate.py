@@ -1,0 +1,65 @@
+"""Tasks of transfer-on-base-update: plan, fetch, judge and record each adapter, close the run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from transpeft.bases import BaseRef, lend_base
+from transpeft.params import Gate
+from transpeft.revalidate import (Candidate, Outcome, Plan, close_revalidation, open_revalidation, plan,
+                                  record_outcome, revalidate)
+from transpeft.tracking import BaseRecord, Registry
+
+from . import RETRY, transient_io
+
+IO = {**RETRY, "retry_condition_fn": transient_io, "cache_policy": NO_CACHE}
+
+
+@task(**IO)
+def plan_revalidation(uri: str, family: str, version: str) -> Plan:
+    """The adapters to carry over to family/version, each from the latest earlier base it serves on."""
+    return plan(Registry(uri), family, version)
+
+
+@task(**IO)
+def open_run(uri: str, revalidation: Plan) -> str:
+    """The MLflow parent run of this revalidation."""
+    return open_revalidation(Registry(uri), revalidation.target, revalidation)
+
+
+@task(**IO, task_run_name="fetch {candidate.name}")
+def fetch_adapter(uri: str, candidate: Candidate, workdir: str) -> str:
+    """The adapter's registered files, downloaded from MLflow."""
+    return str(Registry(uri).download_adapter(candidate.source, Path(workdir) / candidate.name))
+
+
+@task(cache_policy=NO_CACHE, task_run_name="judge {candidate.name}")
+def judge_adapter(adapter_dir: str, candidate: Candidate, target: BaseRecord, data_dir: str, gate: Gate,
+                  workdir: str) -> dict:
+    """Transfer, evaluate, gate, and re-tune or flag one adapter (compute only: never retried)."""
+    ref = BaseRef(target.source, target.revision, target.family, target.version)
+    with lend_base(ref) as slot:
+        if slot.info.fingerprint != target.fingerprint:
+            slot.broken = True
+            raise ValueError(f"base {target.family}/{target.version} at {target.source} is not the registered one "
+                             f"(fingerprint {slot.info.fingerprint}, registered {target.fingerprint}); "
+                             "register the changed weights as a new version")
+        outcome = revalidate(slot, Path(adapter_dir), candidate, Path(data_dir), gate, Path(workdir) / candidate.name)
+    return outcome.as_dict()
+
+
+@task(**IO, task_run_name="record {outcome[adapter]}")
+def record(uri: str, parent_run: str, target: BaseRecord, outcome: dict) -> dict:
+    """The adapter's child run and its registry version on the new base."""
+    registered = record_outcome(Registry(uri), parent_run, target, Outcome.from_dict(outcome))
+    return {**outcome, "model_version": registered.model_version if registered else None}
+
+
+@task(**IO)
+def close_run(uri: str, parent_run: str, revalidation: Plan, outcomes: list[dict], crashed: list[str]) -> dict:
+    """Counts, the transfer report and the gate decisions on the parent run; the base marked revalidated."""
+    return close_revalidation(Registry(uri), parent_run, revalidation.target, revalidation,
+                              [Outcome.from_dict(o) for o in outcomes], crashed)

@@ -1,0 +1,48 @@
+"""Tasks of finetune-adapters: one adapter per (task, run) of params.yaml's grid."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from transpeft.bases import lend_base
+from transpeft.data import load_task
+from transpeft.params import load_params
+from transpeft.stages.bases import base_ref
+from transpeft.tracking import Registry
+from transpeft.train import train_adapter
+from transpeft.transfer import unload_adapter
+from transpeft.versioning import dvc_hash
+
+from . import RETRY, transient_io
+
+
+@task(cache_policy=NO_CACHE, retries=RETRY["retries"], retry_delay_seconds=RETRY["retry_delay_seconds"],
+      retry_condition_fn=transient_io, task_run_name="finetune {task_name}-{run}")
+def finetune_adapter(uri: str, task_name: str, run: str, data_dir: str, params_file: str) -> dict:
+    """Train adapter ``<task>-<run>`` on its run's base and register it there; skipped when it already is."""
+    params = load_params(params_file)
+    spec, name = params.train.runs[run], f"{task_name}-{run}"
+    registry = Registry(uri)
+    base = registry.base(params.bases.family, spec.base)
+    existing = [r for r in registry.adapter_versions(name) if r.base_version == spec.base and r.status == "trained"]
+    if existing:
+        return {"adapter": name, "base_version": spec.base, "model_version": existing[-1].model_version,
+                "metrics": existing[-1].metrics, "skipped": True}
+    task_data = load_task(Path(data_dir) / task_name)
+    with tempfile.TemporaryDirectory() as tmp, lend_base(base_ref(params.bases, spec.base)) as slot:
+        if slot.info.fingerprint != base.fingerprint:
+            slot.broken = True
+            raise ValueError(f"base {base.family}/{base.version} on disk differs from the registered one")
+        out = Path(tmp) / name
+        adapted, manifest, _ = train_adapter(slot.model, slot.tokenizer, slot.info, [task_data], params.train.method,
+                                             params.train.config(run), out, progress=False)
+        slot.model = unload_adapter(adapted, manifest.method.name)
+        run_id = registry.log_training(name, out, manifest, extra_tags={
+            "dvc_data_hash": dvc_hash(Path(data_dir) / task_name) or "untracked", "run": run})
+        record = registry.register_adapter(name, out, slot.info, "trained", manifest.metrics, run_id)
+    return {"adapter": name, "base_version": spec.base, "model_version": record.model_version,
+            "metrics": record.metrics, "skipped": False}

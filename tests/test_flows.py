@@ -1,0 +1,179 @@
+"""The Prefect flows, their bodies called directly on the test family, against real servers.
+
+A real MLflow tracking server and a real Prefect server (both on 127.0.0.1): finetune-adapters
+trains and registers the fleet on v1, transfer-on-base-update carries it to v2 and v3 under
+different gate policies, nightly-regression reconciles and checks. Each flow run is a real Prefect
+flow run; only deployment runs are not executed here (tests/test_events.py covers those).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import ErrorCode
+
+from flows import fanout_runner
+from flows.finetune_adapters import finetune_adapters
+from flows.nightly_regression import Regressions, nightly_regression
+from flows.register_base import register_base
+from flows.transfer_on_base_update import transfer_on_base_update
+from tasks import transient_io
+from transpeft.bases import BaseRef, load_base
+from transpeft.demo.family import build_demo_family
+from transpeft.demo.tasks import build_demo_tasks
+from transpeft.params import Fanout
+from transpeft.tracking import Registry
+from transpeft.train import TrainingDiverged
+
+pytestmark = pytest.mark.server
+
+GATE_PASS_ALL = {"min_retention": 0.0, "min_score": 0.0, "beat_zero_shot": False, "on_fail": "flag",
+                 "retune_steps": 20}
+GATE_FAIL_ALL = {**GATE_PASS_ALL, "min_score": 1.01}
+
+
+@pytest.fixture(scope="module")
+def prefect_api(prefect_server):
+    """Flow runs of this process, and of Dask worker processes it starts, go to the test server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    patch = pytest.MonkeyPatch()
+    patch.setenv("PREFECT_API_URL", prefect_server)
+    with temporary_settings({PREFECT_API_URL: prefect_server}):
+        yield prefect_server
+    patch.undo()
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, mlflow_server, prefect_api):
+    """A project with the test family v1-v3, two tasks, and params.yaml pointing at the servers."""
+    root = tmp_path_factory.mktemp("project")
+    build_demo_family(root / "bases", profile="test", progress=False)
+    build_demo_tasks(root / "data", n_train=48, n_eval=8)
+    registry = Registry(mlflow_server.url)
+    registry.register_base(load_base(BaseRef(str(root / "bases" / "v1"), family="demo"))[2])
+    return root
+
+
+def write_params(root: Path, uri: str, gate: dict, name: str) -> str:
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["bases"]["sources"] = {v: str(root / "bases" / v) for v in params["bases"]["versions"]}
+    params["train"]["tasks"] = ["reverse", "sort"]
+    params["train"]["schedule"] = {"steps": 30, "batch_size": 8, "lr": 0.01, "warmup": 0.1, "seed": 0}
+    params["train"]["method"]["r"] = 4
+    params["train"]["runs"] = {"plain-v1": {"base": "v1"}, "tp-v1": {"base": "v1", "p_c": 0.1}}
+    params["gate"] = gate
+    params["tracking"] = {"uri": uri}
+    path = root / name
+    path.write_text(yaml.safe_dump(params))
+    return str(path)
+
+
+def register(registry: Registry, root: Path, version: str, parent: str):
+    return registry.register_base(load_base(BaseRef(str(root / "bases" / version), family="demo"))[2], parent)
+
+
+def test_finetune_trains_and_registers_the_grid_once(project, mlflow_server):
+    params = write_params(project, mlflow_server.url, GATE_PASS_ALL, "pass.yaml")
+    first = finetune_adapters(version="v1", data_dir=str(project / "data"), params_file=params)
+    assert sorted(r["adapter"] for r in first) == ["reverse-plain-v1", "reverse-tp-v1", "sort-plain-v1", "sort-tp-v1"]
+    assert not any(r["skipped"] for r in first)
+    again = finetune_adapters(version="v1", data_dir=str(project / "data"), params_file=params)
+    assert all(r["skipped"] for r in again)
+    records = Registry(mlflow_server.url).adapters()
+    assert all(len(rows) == 1 and rows[0].status == "trained" and rows[0].serving for rows in records.values())
+
+
+def test_transfer_registers_passing_adapters_once(project, mlflow_server):
+    registry = Registry(mlflow_server.url)
+    params = write_params(project, mlflow_server.url, GATE_PASS_ALL, "pass.yaml")
+    announced = register_base(str(project / "bases" / "v2"), "demo", "v2", parent="v1", params_file=params)
+    assert announced["model_version"] == registry.base("demo", "v2").model_version and announced["event_id"]
+    summary = transfer_on_base_update("demo", "v2", str(project / "data"), params)
+    assert (summary["passed"], summary["retuned"], summary["flagged"], summary["failed"]) == (4, 0, 0, 0)
+    assert summary["state"] == "done"
+    for rows in registry.adapters().values():
+        on_v2 = [r for r in rows if r.base_version == "v2"]
+        assert len(on_v2) == 1 and on_v2[0].status == "transferred" and on_v2[0].serving
+        assert on_v2[0].transferred_from == "v1"
+    assert registry.base("demo", "v2").revalidation == "done"
+
+    again = transfer_on_base_update("demo", "v2", str(project / "data"), params)
+    assert again["already_done"] == 4 and again["passed"] == 0
+    assert all(len(rows) == 2 for rows in registry.adapters().values())  # no duplicate versions
+
+
+def test_failing_gate_flags_and_a_broken_adapter_fails_alone(project, mlflow_server):
+    registry = Registry(mlflow_server.url)
+    register(registry, project, "v3", "v2")
+    # Corrupt one adapter's stored files (its v2 version): the weights no longer match the manifest.
+    broken = registry.adapter_versions("sort-plain-v1")[-1]
+    bad = project / "corrupt" / "adapter_model.safetensors"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a safetensors file")
+    registry.client.log_artifact(broken.run_id, str(bad), "adapter")  # overwrites the stored weights
+
+    params = write_params(project, mlflow_server.url, GATE_FAIL_ALL, "fail.yaml")
+    summary = transfer_on_base_update("demo", "v3", str(project / "data"), params)
+    assert (summary["passed"], summary["flagged"], summary["failed"]) == (0, 3, 1)
+    rows = {name: [r for r in records if r.base_version == "v3"] for name, records in registry.adapters().items()}
+    assert rows["sort-plain-v1"] == []  # could not be evaluated: nothing registered
+    for name in ("reverse-plain-v1", "reverse-tp-v1", "sort-tp-v1"):
+        (flagged,) = rows[name]
+        assert flagged.status == "failed-gate" and not flagged.serving and flagged.transferred_from == "v2"
+    decisions = registry.client.download_artifacts(summary["run_id"], "report/gate_decisions.md")
+    text = Path(decisions).read_text()
+    assert "sort-plain-v1 | v2 | **failed**" in text and "exact match" in text
+
+
+def test_fanout_on_a_local_dask_cluster(project, mlflow_server):
+    """The same revalidation with params.yaml's fanout.task_runner = dask: tasks run in worker processes."""
+    from prefect_dask import DaskTaskRunner
+
+    registry = Registry(mlflow_server.url)
+    # v4 created straight in MLflow, as a user would in the UI: the flow adopts it from its source tag.
+    shutil.copytree(project / "bases" / "v3", project / "bases" / "v4")
+    run = registry.client.create_run(registry._experiment("register")).info.run_id
+    registry.client.create_model_version("base-demo", source=f"runs:/{run}/base", run_id=run, tags={
+        "base_version": "v4", "source": str(project / "bases" / "v4"), "parent": "v3"})
+    params = write_params(project, mlflow_server.url, GATE_PASS_ALL, "pass.yaml")
+    runner = fanout_runner(Fanout(task_runner="dask", max_workers=2))
+    assert isinstance(runner, DaskTaskRunner)
+    summary = transfer_on_base_update.with_options(task_runner=runner)("demo", "v4", str(project / "data"), params)
+    # Each from its latest served version (v2: v3's were flagged); the one broken on v2 fails alone.
+    assert (summary["passed"], summary["failed"]) == (3, 1)
+    assert {r.transferred_from for rows in registry.adapters().values() for r in rows if r.base_version == "v4"} == {"v2"}
+    adopted = registry.base("demo", "v4")
+    assert adopted.fingerprint == registry.base("demo", "v3").fingerprint and adopted.revalidation == "done"
+
+
+def test_nightly_reconciles_and_reports_regressions(project, mlflow_server):
+    registry = Registry(mlflow_server.url)
+    params = write_params(project, mlflow_server.url, GATE_PASS_ALL, "pass.yaml")
+    # v1 was registered without a revalidation run: the reconciler runs it (nothing to carry over).
+    assert [b.version for b in registry.bases("demo") if b.revalidation != "done"] == ["v1"]
+    # sort-plain-v1's v2 files were broken above: served there, it can no longer be evaluated.
+    with pytest.raises(Regressions, match="sort-plain-v1 on demo/v2: cannot be evaluated"):
+        nightly_regression(family="demo", data_dir=str(project / "data"), params_file=params)
+    assert all(b.revalidation == "done" for b in registry.bases("demo"))
+    (run,) = registry.client.search_runs([registry._experiment("nightly")])
+    assert run.info.status == "FAILED" and run.data.metrics["regressions"] == 1
+    assert run.data.metrics["adapters"] == 4 + 4 + 3  # served on v1, v2 and v4
+
+
+@pytest.mark.parametrize("error, retried", [
+    (ConnectionError("connection refused"), True),
+    (MlflowException("server busy", error_code=ErrorCode.Value("TEMPORARILY_UNAVAILABLE")), True),
+    (MlflowException("database is locked"), True),  # a 500, as SQLite under concurrent writers answers
+    (MlflowException("no such model", error_code=ErrorCode.Value("RESOURCE_DOES_NOT_EXIST")), False),
+    (ValueError("incompatible adapter"), False),
+    (TrainingDiverged("loss became nan"), False),
+])
+def test_tasks_retry_only_transient_io(error, retried):
+    from prefect.states import Failed
+
+    assert transient_io(None, None, Failed(data=error)) is retried

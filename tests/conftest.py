@@ -83,3 +83,27 @@ def mlflow_server(tmp_path_factory):
     server = start_mlflow(tmp_path_factory.mktemp("mlflow"))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """The API URL of a real Prefect server on 127.0.0.1 (SQLite), one for the whole session: it takes ~10 s
+    to start. Tests share it, so each should use its own base family or version."""
+    from servers import start_prefect
+
+    server = start_prefect(tmp_path_factory.mktemp("prefect"))
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def transfer_deployment(prefect_server, tmp_path_factory):
+    """The id of prefect.yaml's `transfer-on-base-update/all-adapters`, with its event trigger, deployed on the
+    session's Prefect server from the project root as `make up` deploys it. No worker runs, so the runs its
+    trigger creates stay scheduled: what they do is tested by calling the flow."""
+    from servers import deploy, prefect_api
+    from transpeft.events import TRANSFER_DEPLOYMENT
+
+    # Only this deployment: `--all` takes ~40 s here, each deployment's build steps import the library.
+    deploy(prefect_server, tmp_path_factory.mktemp("prefect-client"), TRANSFER_DEPLOYMENT)
+    return prefect_api(prefect_server, f"/deployments/name/{TRANSFER_DEPLOYMENT}")["id"]

@@ -1,11 +1,13 @@
-"""Real servers on 127.0.0.1 for integration tests: an MLflow tracking server and moto's S3.
+"""Real servers on 127.0.0.1 for integration tests: an MLflow tracking server, a Prefect server, moto's S3.
 
-    from servers import start_mlflow, start_moto_s3
+    from servers import start_mlflow, start_moto_s3, start_prefect
     mlflow_server = start_mlflow(tmp_path)   # SQLite + artifacts under tmp_path, settings of mlflow/server.env
     try:
         MlflowClient(tracking_uri=mlflow_server.url) ...
     finally:
         mlflow_server.stop()
+
+    start_prefect(tmp_path / "prefect")      # SQLite under that folder; .url is the API URL (.../api)
 
 Each server runs in its own process group, so stop() also ends the children it spawns (MLflow runs
 uvicorn in a child process). On Linux a server also gets SIGTERM when the thread that started it dies,
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import json
 import os
 import signal
 import socket
@@ -26,7 +29,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SERVER_ENV = Path(__file__).resolve().parents[1] / "mlflow" / "server.env"
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SERVER_ENV = PROJECT_ROOT / "mlflow" / "server.env"
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 _PR_SET_PDEATHSIG = 1
 
@@ -96,6 +102,58 @@ def start_mlflow(root: Path, port: int | None = None, env: dict | None = None, t
             "--serve-artifacts", "--artifacts-destination", settings["MLFLOW_ARTIFACTS_DESTINATION"]]
     url = f"http://{settings['MLFLOW_HOST']}:{settings['MLFLOW_PORT']}"
     return _launch(cmd, url, "/health", root / "mlflow.log", settings, cwd=root, timeout=timeout)
+
+
+def start_prefect(root: Path, port: int | None = None, env: dict | None = None, timeout: float = 90) -> Server:
+    """A Prefect server with its home and SQLite database in `root`; `server.url` is its API URL
+    (http://127.0.0.1:PORT/api, what PREFECT_API_URL takes). `env` overrides any setting."""
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    # PREFECT_API_URL is a client setting; the server is its own API.
+    settings = {
+        **{key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"},
+        "PREFECT_HOME": str(root),
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root / 'prefect.db'}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        # Events reach the database (and /events/filter) within half a second instead of five.
+        "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "0.5",
+        **(env or {}),
+    }
+    prefect_bin = Path(sys.executable).with_name("prefect")
+    cmd = [str(prefect_bin)] if prefect_bin.exists() else [sys.executable, "-m", "prefect"]
+    cmd += ["server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    url = f"http://127.0.0.1:{port}/api"
+    return _launch(cmd, url, "/health", root / "prefect.log", settings, cwd=root, timeout=timeout)
+
+
+def prefect_api(api_url: str, path: str, body: dict | None = None):
+    """The JSON answer of a Prefect API call: POST `body` when given, else GET."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"{api_url}{path}", data=data, method="GET" if body is None else "POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read() or b"null")
+
+
+def deploy(api_url: str, home: Path, *names: str, project: Path = PROJECT_ROOT) -> None:
+    """Deploy prefect.yaml's deployments (all of them, or those named) to the server at `api_url`, as
+    `make up` does: create the work pool they use, then `prefect deploy` from the project root."""
+    env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_HOME": str(home),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           # prefect.yaml's build steps run `python -m transpeft.params`: this virtualenv's python.
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    prefect_bin = Path(sys.executable).with_name("prefect")
+    prefect = [str(prefect_bin)] if prefect_bin.exists() else [sys.executable, "-m", "prefect"]
+    pool = yaml.safe_load((project / "prefect.yaml").read_text())["definitions"]["work_pool"]["name"]
+    selection = [arg for name in names for arg in ("--name", name)] or ["--all"]
+    for cmd in (["work-pool", "create", pool, "--type", "process", "--overwrite"],
+                ["--no-prompt", "deploy", *selection]):
+        done = subprocess.run(prefect + cmd, cwd=project, env=env, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"prefect {' '.join(cmd)} exited {done.returncode}:\n"
+                               f"{(done.stdout + done.stderr)[-4000:]}")
 
 
 def start_moto_s3(port: int | None = None, log_dir: Path | None = None, timeout: float = 30) -> Server:

@@ -1,10 +1,11 @@
 """Tests of the MLflow webhook receiver (transpeft/webhook.py): every refusal, then MLflow end to end.
 
-    .venv/bin/python -m pytest tests/test_webhook.py -q                  # all (~15 s)
-    .venv/bin/python -m pytest tests/test_webhook.py -q -m "not server"  # without the MLflow server
+    .venv/bin/python -m pytest tests/test_webhook.py -q                  # all (~45 s: Prefect, deploy, MLflow)
+    .venv/bin/python -m pytest tests/test_webhook.py -q -m "not server"  # without the Prefect and MLflow servers
 
 Deliveries are signed with MLflow's own signing function, so passing here means the receiver accepts
-what the installed MLflow sends.
+what the installed MLflow sends. Accepted deliveries become events on a real Prefect server; receivers
+whose Prefect is a dead port prove a refusal happened before any event was tried (that would be a 502).
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ import logging
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from mlflow.webhooks.delivery import _generate_hmac_signature as mlflow_sign
 
-from servers import free_port, start_mlflow
-from transpeft.webhook import MAX_BODY, SignatureError, make_server, sign, verify_signature
+from servers import free_port, prefect_api, start_mlflow
+from transpeft.events import BASE_REGISTERED
+from transpeft.webhook import MAX_BODY, SignatureError, base_event, make_server, sign, verify_signature
 
 SECRET = "test-secret"
 NOW = 1_800_000_000
@@ -103,10 +104,42 @@ def test_refuses_signed_but_non_numeric_timestamp():
 
 def test_refuses_empty_secret():
     with pytest.raises(ValueError, match="secret"):
-        make_server("127.0.0.1", 0, "", "http://127.0.0.1:9/", "base-")
+        make_server("127.0.0.1", 0, "", "http://127.0.0.1:9/api", "base-")
 
 
-# ---- the receiver over HTTP, with a sink that records what it forwards -------------------------------
+# ---- base_event, no sockets ------------------------------------------------------------------------
+
+def test_base_event_is_the_base_registered_event_of_the_family_and_version():
+    event = base_event(json.loads(payload(name="base-demo", version="3", tags={
+        "base_version": "v2", "fingerprint": "sha256:abc", "source": "demo/bases/v2", "parent": "v1"})), "d-1")
+    assert event["event"] == BASE_REGISTERED
+    assert event["resource"] == {"prefect.resource.id": "transpeft.base.demo.v2", "prefect.resource.name": "demo/v2",
+                                 "transpeft.family": "demo", "transpeft.version": "v2"}
+    assert event["payload"] == {"fingerprint": "sha256:abc", "mlflow_version": "3", "source": "demo/bases/v2",
+                                "parent": "v1", "registered_model": "base-demo", "delivery_id": "d-1",
+                                "announced_by": "mlflow-webhook"}
+
+
+def test_base_event_id_follows_the_delivery_id():
+    body = json.loads(payload())
+    assert base_event(body, "d-1")["id"] == base_event(body, "d-1")["id"] != base_event(body, "d-2")["id"]
+
+
+def test_base_event_version_falls_back_to_mlflow_version():
+    event = base_event(json.loads(payload(name="base-demo", version="4", tags={})), "d")
+    assert event["resource"]["transpeft.version"] == "4"
+    assert event["payload"]["fingerprint"] is None and event["payload"]["parent"] is None
+
+
+@pytest.mark.parametrize("body", [payload(name="adapter-x"), payload(name="base-"),
+                                  payload(entity="registered_model", action="created"),
+                                  payload(tags={"base_version": "v2", "status": "registering"})])
+def test_base_event_is_none_for_other_events(body):
+    """Not a base, not a version, or transpeft's own registration (which emits its own event)."""
+    assert base_event(json.loads(body), "d") is None
+
+
+# ---- the receiver over HTTP -----------------------------------------------------------------------------
 
 def serve(server):
     # A short poll interval keeps shutdown() (and so each test teardown) quick.
@@ -120,41 +153,18 @@ def stop(server):
     server.server_close()
 
 
-class Sink(ThreadingHTTPServer):
-    """Records every JSON body POSTed to it."""
-
-    daemon_threads = True
-
-    def __init__(self):
-        self.received: list[dict] = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(handler):
-                self.received.append(json.loads(handler.rfile.read(int(handler.headers["Content-Length"]))))
-                handler.send_response(200)
-                handler.send_header("Content-Length", "0")
-                handler.end_headers()
-
-            def log_message(handler, *args):
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/notify"
-
-
 @pytest.fixture
-def sink():
-    server = serve(Sink())
+def receiver():
+    """A receiver whose Prefect server is a dead port: any delivery that reaches emit() answers 502."""
+    server = serve(make_server("127.0.0.1", 0, SECRET, f"http://127.0.0.1:{free_port()}/api"))
     yield server
     stop(server)
 
 
 @pytest.fixture
-def receiver(sink):
-    server = serve(make_server("127.0.0.1", 0, SECRET, sink.url))
+def live_receiver(prefect_server):
+    """A receiver that emits to the session's real Prefect server."""
+    server = serve(make_server("127.0.0.1", 0, SECRET, prefect_server))
     yield server
     stop(server)
 
@@ -175,43 +185,56 @@ def post(server, body: bytes, headers: dict) -> tuple[int, dict]:
         conn.close()
 
 
-def test_forwards_base_registration(receiver, sink, webhook_log):
-    body = payload(name="base-demo", version="3", tags={"base_version": "v2"})
+def wait_until(condition, timeout: float = 30, step: float = 0.2):
+    """The first truthy value of condition(), or its last value after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(step)
+    return condition()
+
+
+def stored_events(api_url: str, **filter_) -> list[dict]:
+    return prefect_api(api_url, "/events/filter", {"filter": filter_, "limit": 50})["events"]
+
+
+@pytest.mark.server
+def test_emits_base_registration(live_receiver, prefect_server, webhook_log):
+    body = payload(name="base-hooked", version="3", tags={"base_version": "v2"})
     headers = signed(body)
-    status, answer = post(receiver, body, headers)
+    status, answer = post(live_receiver, body, headers)
     assert status == 202, answer
-    assert sink.received == [{"event": "transpeft.base.registered", "family": "demo", "version": "v2",
-                              "mlflow_version": "3", "registered_model": "base-demo",
-                              "delivery_id": headers["X-MLflow-Delivery-Id"]}]
+    event_id = base_event(json.loads(body), headers["X-MLflow-Delivery-Id"])["id"]
+    assert f"event={event_id}" in answer["detail"]
+    (stored,) = wait_until(lambda: stored_events(prefect_server, id={"id": [event_id]}))
+    assert stored["event"] == BASE_REGISTERED
+    assert stored["resource"]["transpeft.family"] == "hooked" and stored["resource"]["transpeft.version"] == "v2"
+    assert stored["payload"]["delivery_id"] == headers["X-MLflow-Delivery-Id"]
+    assert stored["payload"]["announced_by"] == "mlflow-webhook"
     assert "accepted 202" in webhook_log.text
 
 
-def test_version_falls_back_to_mlflow_version(receiver, sink):
-    body = payload(name="base-demo", version="4", tags={})
-    assert post(receiver, body, signed(body))[0] == 202
-    assert sink.received[0]["version"] == "4"
+@pytest.mark.server
+def test_emits_a_retried_delivery_once(live_receiver):
+    body = payload(name="base-retried")
+    headers = signed(body)
+    assert post(live_receiver, body, headers)[0] == 202
+    status, answer = post(live_receiver, body, headers)  # MLflow retries with the same delivery id
+    assert status == 200 and "already emitted" in answer["detail"], answer
 
 
 @pytest.mark.parametrize("body", [payload(name="adapter-x"), payload(name="base-"),
-                                  payload(entity="registered_model", action="created")])
-def test_acknowledges_and_ignores_other_events(receiver, sink, body, webhook_log):
+                                  payload(entity="registered_model", action="created"),
+                                  payload(tags={"base_version": "v2", "status": "registering"})])
+def test_acknowledges_and_ignores_other_events(receiver, body, webhook_log):
     status, answer = post(receiver, body, signed(body))
-    assert status == 200 and answer["detail"].startswith("ignored"), answer
-    assert sink.received == []
+    assert status == 200 and answer["detail"].startswith("ignored"), answer  # no emit tried: not 502
     assert "ignored" in webhook_log.text
 
 
-def test_forwards_a_retried_delivery_once(receiver, sink):
-    body = payload()
-    headers = signed(body)
-    assert post(receiver, body, headers)[0] == 202
-    status, answer = post(receiver, body, headers)  # MLflow retries with the same delivery id
-    assert status == 200 and "already forwarded" in answer["detail"]
-    assert len(sink.received) == 1
-
-
 @pytest.mark.parametrize("case", ["unsigned", "bad signature", "stale", "future"])
-def test_http_refuses_unauthenticated(receiver, sink, webhook_log, case):
+def test_http_refuses_unauthenticated(receiver, webhook_log, case):
     body = payload()
     headers = {
         "unsigned": {"Content-Type": "application/json"},
@@ -221,19 +244,17 @@ def test_http_refuses_unauthenticated(receiver, sink, webhook_log, case):
     }[case]
     status, answer = post(receiver, body, headers)
     assert status == 401, answer
-    assert sink.received == []
     assert "rejected 401" in webhook_log.text
 
 
-def test_http_refuses_non_json(receiver, sink, webhook_log):
+def test_http_refuses_non_json(receiver, webhook_log):
     body = b"<xml>not json</xml>"
     status, answer = post(receiver, body, signed(body))
     assert status == 400 and "bad payload" in answer["detail"]
-    assert sink.received == []
     assert "rejected 400" in webhook_log.text
 
 
-def test_http_refuses_oversized_body_without_reading_it(receiver, sink, webhook_log):
+def test_http_refuses_oversized_body_without_reading_it(receiver, webhook_log):
     # Announce 10 MB and send none of it: the answer must come from the header alone.
     conn = http.client.HTTPConnection(*receiver.server_address[:2], timeout=5)
     try:
@@ -247,46 +268,31 @@ def test_http_refuses_oversized_body_without_reading_it(receiver, sink, webhook_
         conn.close()
     body = b" " * (MAX_BODY + 1)
     assert post(receiver, body, signed(body))[0] == 413
-    assert sink.received == []
     assert "rejected 413" in webhook_log.text
 
 
-def test_forward_failure_answers_502(sink, webhook_log):
-    dead = f"http://127.0.0.1:{free_port()}/notify"  # nothing listens there
-    server = serve(make_server("127.0.0.1", 0, SECRET, dead))
-    try:
-        body = payload()
-        headers = signed(body)
-        status, answer = post(server, body, headers)
-        assert status == 502 and "forward failed" in answer["detail"]
-        # The retry of a failed delivery is tried again, not treated as a duplicate.
-        assert post(server, body, headers)[0] == 502
-    finally:
-        stop(server)
+def test_emit_failure_answers_502(receiver, webhook_log):
+    body = payload()
+    headers = signed(body)
+    status, answer = post(receiver, body, headers)
+    assert status == 502 and "emit failed" in answer["detail"] and "not reachable" in answer["detail"]
+    # The retry of a failed delivery is tried again, not treated as a duplicate.
+    assert post(receiver, body, headers)[0] == 502
     assert "failed 502" in webhook_log.text
 
 
 # ---- end to end: a real MLflow server fires the webhook ----------------------------------------------
 
-def wait_until(condition, timeout: float = 30, step: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(step)
-    return condition()
-
-
 @pytest.mark.server
-def test_mlflow_delivers_base_registration(tmp_path, monkeypatch, webhook_log):
+def test_mlflow_registration_becomes_a_prefect_event_and_a_transfer_run(tmp_path, monkeypatch, webhook_log,
+                                                                        prefect_server, transfer_deployment):
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail at once, not after minutes of retries
     from mlflow import MlflowClient
 
-    sink, wrong_sink = serve(Sink()), serve(Sink())
-    receiver = serve(make_server("127.0.0.1", 0, SECRET, sink.url))
+    receiver = serve(make_server("127.0.0.1", 0, SECRET, prefect_server))
     # Same receiver code and secret, but MLflow will sign for it with another secret.
-    wrong_receiver = serve(make_server("127.0.0.1", 0, SECRET, wrong_sink.url))
+    wrong_receiver = serve(make_server("127.0.0.1", 0, SECRET, prefect_server))
     mlflow_server = start_mlflow(tmp_path / "mlflow")
     try:
         client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
@@ -301,7 +307,7 @@ def test_mlflow_delivers_base_registration(tmp_path, monkeypatch, webhook_log):
         (tmp_path / "base" / "config.json").write_text('{"model_type": "llama"}')
         client.log_artifacts(run.info.run_id, str(tmp_path / "base"), artifact_path="base")
         client.set_terminated(run.info.run_id)
-        for name, tags in (("base-demo", {"base_version": "v2"}), ("adapter-x", {})):
+        for name, tags in (("base-webhooked", {"base_version": "v2"}), ("adapter-x", {})):
             client.create_registered_model(name)
             client.create_model_version(name, source=f"runs:/{run.info.run_id}/base", run_id=run.info.run_id,
                                         tags=tags)
@@ -309,16 +315,26 @@ def test_mlflow_delivers_base_registration(tmp_path, monkeypatch, webhook_log):
         def messages():
             return [r.getMessage() for r in webhook_log.records if r.name == "transpeft.webhook"]
 
-        assert wait_until(lambda: sink.received
+        assert wait_until(lambda: any(m.startswith("accepted 202") for m in messages())
                           and any("'adapter-x'" in m for m in messages())
                           and sum("bad signature" in m for m in messages()) == 2), messages()
-        assert len(sink.received) == 1
-        assert {k: v for k, v in sink.received[0].items() if k != "delivery_id"} == {
-            "event": "transpeft.base.registered", "family": "demo", "version": "v2", "mlflow_version": "1",
-            "registered_model": "base-demo"}
-        assert wrong_sink.received == []
+        assert sum(m.startswith("accepted 202") for m in messages()) == 1
         assert sum(m.startswith("rejected 401") for m in messages()) == 2
+
+        stored = wait_until(lambda: stored_events(prefect_server, event={"name": [BASE_REGISTERED]},
+                                                  resource={"id": ["transpeft.base.webhooked.v2"]}))
+        assert len(stored) == 1
+        assert {k: v for k, v in stored[0]["payload"].items() if k != "delivery_id"} == {
+            "fingerprint": None, "mlflow_version": "1", "source": None, "parent": None,
+            "registered_model": "base-webhooked", "announced_by": "mlflow-webhook"}
+
+        def transfer_runs():
+            runs = prefect_api(prefect_server, "/flow_runs/filter",
+                               {"deployments": {"id": {"any_": [transfer_deployment]}}})
+            return [r for r in runs if r["parameters"] == {"family": "webhooked", "version": "v2"}]
+
+        assert len(wait_until(transfer_runs)) == 1
     finally:
         mlflow_server.stop()
-        for server in (receiver, wrong_receiver, sink, wrong_sink):
+        for server in (receiver, wrong_receiver):
             stop(server)

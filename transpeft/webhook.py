@@ -1,10 +1,11 @@
-"""Receiver of MLflow registry webhooks: checks MLflow's signature and forwards base registrations.
+"""Receiver of MLflow registry webhooks: checks MLflow's signature and announces base registrations.
 
 A base version registered straight in MLflow (UI or API) fires `model_version.created`; this receiver
-turns it into a `transpeft.base.registered` notice POSTed as JSON to a forward URL (the revalidation
-trigger, shared/DESIGN.md). Run it with the launcher:
+emits the same `transpeft.base.registered` Prefect event as `transpeft bases register`
+(transpeft/events.py), whose deployment trigger starts the revalidation (shared/DESIGN.md). Run it
+with the launcher:
 
-    TRANSPEFT_WEBHOOK_SECRET=... python mlflow/webhook_receiver.py --port 5055 --forward-url URL
+    TRANSPEFT_WEBHOOK_SECRET=... python mlflow/webhook_receiver.py --port 5055 [--prefect-api-url URL]
 
 and register it in MLflow with `MlflowClient().create_webhook(name, url="http://127.0.0.1:5055/",
 events=["model_version.created"], secret=<the same secret>)`.
@@ -25,9 +26,10 @@ import json
 import logging
 import threading
 import time
-import urllib.request
 from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from .events import BASE_REGISTERED, EventNotDelivered, base_registered_event, emit, prefect_api_url
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +40,10 @@ SIGNATURE_VERSION = "v1"
 MAX_BODY = 64 * 1024
 MAX_AGE_S = 300  # older deliveries are replays (MLflow's own retries end within about two minutes)
 MAX_SKEW_S = 30  # tolerated clock difference between the MLflow host and this one
-EVENT = "transpeft.base.registered"
 
 
 class SignatureError(Exception):
     """A delivery that does not prove it comes from MLflow with our secret; str() is the reason."""
-
-
-class ForwardError(Exception):
-    """The notice could not be handed on to the forward URL."""
 
 
 def sign(secret: str, delivery_id: str, timestamp: str, body: bytes) -> str:
@@ -78,8 +75,11 @@ def verify_signature(secret: str, headers: Mapping[str, str], body: bytes, now: 
         raise SignatureError(f"timestamp {-age:.0f}s in the future")
 
 
-def base_notice(payload: dict, delivery_id: str, prefix: str = "base-") -> dict | None:
-    """The notice for a `model_version.created` delivery of a base model; None for anything else."""
+def base_event(payload: dict, delivery_id: str, prefix: str = "base-") -> dict | None:
+    """The Prefect event for a `model_version.created` delivery of a base model; None for anything else.
+
+    Its id derives from the delivery id, so a delivery MLflow retries is the same event to Prefect.
+    """
     if (payload.get("entity"), payload.get("action")) != ("model_version", "created"):
         return None
     data = payload.get("data")
@@ -89,33 +89,28 @@ def base_notice(payload: dict, delivery_id: str, prefix: str = "base-") -> dict 
     if not name.startswith(prefix) or name == prefix:
         return None
     tags = data.get("tags") or {}
-    return {"event": EVENT, "family": name[len(prefix):], "version": tags.get("base_version", mlflow_version),
-            "mlflow_version": mlflow_version, "registered_model": name, "delivery_id": delivery_id}
-
-
-def forward(url: str, notice: dict, timeout: float = 10) -> None:
-    """POST the notice as JSON; raise ForwardError unless the target answers 2xx."""
-    request = urllib.request.Request(url, data=json.dumps(notice).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            status = response.status
-    except OSError as exc:  # URLError, HTTPError (>= 400), timeouts
-        raise ForwardError(f"{url}: {exc}") from exc
-    if not 200 <= status < 300:
-        raise ForwardError(f"{url} answered {status}")
+    if not isinstance(tags, dict):
+        raise ValueError("model version tags are not an object")
+    if tags.get("status") == "registering":  # transpeft's own registration: it announces itself
+        return None
+    # Versions registered by transpeft carry the base's tags; one made by hand may have none of them.
+    return base_registered_event(
+        name[len(prefix):], str(tags.get("base_version") or mlflow_version), event_id_seed=delivery_id,
+        fingerprint=tags.get("fingerprint"), mlflow_version=mlflow_version, source=tags.get("source"),
+        parent=tags.get("parent") or None, registered_model=name, delivery_id=delivery_id,
+        announced_by="mlflow-webhook")
 
 
 class WebhookServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], secret: str, forward_url: str, prefix: str):
+    def __init__(self, address: tuple[str, int], secret: str, api_url: str, prefix: str):
         if not secret:
             raise ValueError("a webhook secret is required: unsigned deliveries are refused")
         super().__init__(address, _Handler)
-        self.secret, self.forward_url, self.prefix = secret, forward_url, prefix
-        # MLflow retries a delivery with the same id when it gets no answer; forward each id once.
-        self.forwarded: dict[str, float] = {}
+        self.secret, self.api_url, self.prefix = secret, api_url, prefix
+        # MLflow retries a delivery with the same id when it gets no answer; emit each id once.
+        self.emitted: dict[str, float] = {}
         self.lock = threading.Lock()
 
     @property
@@ -123,14 +118,14 @@ class WebhookServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}/"
 
-    def first_forward(self, delivery_id: str) -> bool:
-        """Record the id; False if it was already forwarded in the replay window."""
+    def first_delivery(self, delivery_id: str) -> bool:
+        """Record the id; False if its event was already emitted in the replay window."""
         now = time.monotonic()
         with self.lock:
-            self.forwarded = {key: t for key, t in self.forwarded.items() if now - t < MAX_AGE_S + MAX_SKEW_S}
-            if delivery_id in self.forwarded:
+            self.emitted = {key: t for key, t in self.emitted.items() if now - t < MAX_AGE_S + MAX_SKEW_S}
+            if delivery_id in self.emitted:
                 return False
-            self.forwarded[delivery_id] = now
+            self.emitted[delivery_id] = now
             return True
 
 
@@ -160,24 +155,26 @@ class _Handler(BaseHTTPRequestHandler):
             payload = json.loads(body)
             if not isinstance(payload, dict):
                 raise ValueError("not a JSON object")
-            notice = base_notice(payload, delivery_id, self.server.prefix)
+            event = base_event(payload, delivery_id, self.server.prefix)
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             return self._reply(400, f"bad payload: {exc}", delivery_id)
-        event, data = f"{payload.get('entity')}.{payload.get('action')}", payload.get("data")
+        kind, data = f"{payload.get('entity')}.{payload.get('action')}", payload.get("data")
         model = data.get("name") if isinstance(data, dict) else None
-        if notice is None:
-            return self._reply(200, f"ignored {event} of {model!r}", delivery_id)
-        if not self.server.first_forward(delivery_id):
-            return self._reply(200, f"already forwarded {model} version {notice['mlflow_version']}", delivery_id)
+        if event is None:
+            return self._reply(200, f"ignored {kind} of {model!r}", delivery_id)
+        mlflow_version = event["payload"]["mlflow_version"]
+        if not self.server.first_delivery(delivery_id):
+            return self._reply(200, f"already emitted for {model} version {mlflow_version}", delivery_id)
         try:
-            forward(self.server.forward_url, notice)
-        except ForwardError as exc:
-            # Let MLflow see the failure (it retries 5xx); forget the id so the retry forwards again.
+            emit(event, self.server.api_url)
+        except EventNotDelivered as exc:
+            # Let MLflow see the failure (it retries 5xx); forget the id so the retry emits again.
             with self.server.lock:
-                self.server.forwarded.pop(delivery_id, None)
-            return self._reply(502, f"forward failed: {exc}", delivery_id)
-        return self._reply(202, f"forwarded {EVENT} family={notice['family']} version={notice['version']}",
-                           delivery_id)
+                self.server.emitted.pop(delivery_id, None)
+            return self._reply(502, f"emit failed: {exc}", delivery_id)
+        resource = event["resource"]
+        return self._reply(202, f"emitted {BASE_REGISTERED} family={resource['transpeft.family']} "
+                                f"version={resource['transpeft.version']} event={event['id']}", delivery_id)
 
     def _reply(self, status: int, reason: str, delivery_id: str = "-", quiet: bool = False) -> None:
         if not quiet:
@@ -195,6 +192,7 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s " + format, self.client_address[0], *args)
 
 
-def make_server(host: str, port: int, secret: str, forward_url: str, prefix: str = "base-") -> WebhookServer:
-    """A receiver bound to host:port (port 0 picks a free one); run it with serve_forever()."""
-    return WebhookServer((host, port), secret, forward_url, prefix)
+def make_server(host: str, port: int, secret: str, api_url: str | None = None, prefix: str = "base-") -> WebhookServer:
+    """A receiver bound to host:port (port 0 picks a free one) that emits to the Prefect API at `api_url`
+    (default: PREFECT_API_URL, else the local server); run it with serve_forever()."""
+    return WebhookServer((host, port), secret, prefect_api_url(api_url), prefix)

@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 OUT ?= demo-out
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test bench up down repro clean
+.PHONY: install demo test bench up down status repro clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,11 +24,15 @@ test: install
 repro: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 
+# The local stack (Prefect server, MLflow, webhook receiver, worker): transpeft/stack.py.
 up: install
-	mlflow/up
+	$(VENV)/bin/transpeft stack up
 
 down:
-	mlflow/down
+	$(VENV)/bin/transpeft stack down
+
+status:
+	$(VENV)/bin/transpeft stack status
 
 bench: install
 	$(PY) bench/bench_core.py

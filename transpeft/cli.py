@@ -221,12 +221,40 @@ def cmd_transfer(args) -> int:
 
 
 def cmd_bases_register(args) -> int:
-    from .bases import load_base
+    import os
 
+    from .bases import load_base
+    from .events import (BASE_REGISTERED, TRANSFER_DEPLOYMENT, EventNotDelivered, base_registered_event,
+                         check_reachable, emit, prefect_api_url)
+
+    if args.json:  # MLflow prints "View run ... at" on stdout when a run ends, which breaks the JSON
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    registry = _registry(args)
+    api_url = None if args.no_event else prefect_api_url(args.prefect_api_url)
+    if api_url:
+        check_reachable(api_url)  # before registering, so the common failure changes nothing
     _, _, info = load_base(_base_ref(args))
-    record = _registry(args).register_base(info, parent=args.parent)
-    _emit(args, record.__dict__, f"registered base {record.family}/{record.version} as base-{record.family} "
-                                 f"version {record.model_version} ({record.fingerprint})")
+    record = registry.register_base(info, parent=args.parent)
+    payload = dict(record.__dict__)
+    text = (f"registered base {record.family}/{record.version} as base-{record.family} "
+            f"version {record.model_version} ({record.fingerprint})")
+    if api_url:
+        event = base_registered_event(record.family, record.version, fingerprint=record.fingerprint,
+                                      mlflow_version=record.model_version, source=record.source,
+                                      parent=record.parent, announced_by="transpeft-cli")
+        try:
+            payload["event_id"] = emit(event, api_url)
+        except EventNotDelivered as e:
+            print(f"error: base {record.family}/{record.version} IS registered (base-{record.family} version "
+                  f"{record.model_version}), but its revalidation did not start: {e}\n"
+                  f"start it with: prefect deployment run '{TRANSFER_DEPLOYMENT}' -p family={record.family} "
+                  f"-p version={record.version}\n"
+                  "or leave it to the nightly run, whose reconciler revalidates every base left without one",
+                  file=sys.stderr)
+            return EXIT_ERROR
+        text += (f"\nemitted {BASE_REGISTERED} (event {payload['event_id']}) to {api_url}: "
+                 f"it starts {TRANSFER_DEPLOYMENT} for {record.family}/{record.version}")
+    _emit(args, payload, text)
     return 0
 
 
@@ -264,6 +292,22 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_stack(args) -> int:
+    from . import stack
+
+    try:
+        local = stack.Stack.find(args.project)
+        if args.stack_command == "status":
+            report = stack.status(local)
+            _emit(args, report, stack.format_status(report))
+        else:
+            getattr(stack, args.stack_command)(local, say=lambda line: print(line, flush=True))
+    except stack.StackError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
+
+
 # -- parser -----------------------------------------------------------------------------------
 
 
@@ -291,11 +335,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_base(p)
     _add_json(p)
     p.set_defaults(func=cmd_bases_fingerprint)
-    p = _parser("register", bases_sub, "register a base version in the MLflow registry (idempotent)",
+    p = _parser("register", bases_sub, "register a base version in the MLflow registry (idempotent) and "
+                "announce it to Prefect, which starts the revalidation of every adapter of its family",
                 "transpeft bases register --base demo/bases/v2 --base-family demo --parent v1")
     _add_base(p)
     p.add_argument("--parent", help="the version this one was continued from (must be registered)")
     _add_tracking(p, always=True)
+    p.add_argument("--prefect-api-url", help="Prefect server the transpeft.base.registered event goes to "
+                                             "(default: $PREFECT_API_URL, else http://127.0.0.1:4200/api)")
+    p.add_argument("--no-event", action="store_true",
+                   help="register only: no event, so no revalidation starts (the nightly run catches up)")
     _add_json(p)
     p.set_defaults(func=cmd_bases_register)
     p = _parser("list", bases_sub, "list the registered base versions", "transpeft bases list --family demo")
@@ -373,6 +422,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo", help="working directory (reused when run again)")
     _add_json(p)
     p.set_defaults(func=cmd_demo)
+
+    p = _parser("stack", sub, "the local stack: Prefect server, MLflow server, webhook receiver and a worker "
+                              "serving prefect.yaml's deployments, all on 127.0.0.1, state under the project",
+                "transpeft stack up", "transpeft stack status",
+                "PREFECT_PORT=4300 MLFLOW_PORT=5300 TRANSPEFT_WEBHOOK_PORT=5355 transpeft stack up")
+    p.add_argument("stack_command", choices=("up", "down", "status"),
+                   help="up: start what is not running and deploy (idempotent); down: stop all; status: one "
+                        "line per component")
+    p.add_argument("--project", help="the directory holding prefect.yaml (default: the current one or above)")
+    _add_json(p)
+    p.set_defaults(func=cmd_stack)
     return parser
 
 
@@ -395,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     from .adapters import AdapterFileError
     from .bases import BaseLoadError
     from .data import DataError
+    from .events import EventNotDelivered
     from .regularisers import NoFFNFound
     from .tracking import NotRegistered, RegistryConflict, TrackingUnavailable
     from .train import TrainingDiverged
@@ -408,8 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     except IncompatibleBase as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INCOMPATIBLE
-    except (AdapterFileError, BaseLoadError, DataError, NoFFNFound, TrainingDiverged, TrackingUnavailable,
-            NotRegistered, RegistryConflict, ValueError) as e:
+    except (AdapterFileError, BaseLoadError, DataError, EventNotDelivered, NoFFNFound, TrainingDiverged,
+            TrackingUnavailable, NotRegistered, RegistryConflict, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
 

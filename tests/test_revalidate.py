@@ -14,6 +14,7 @@ from transpeft.adapters import WEIGHTS_NAME, read_manifest
 from transpeft.data import Example, load_tasks, write_task
 from transpeft.methods import MethodConfig
 from transpeft.params import Gate
+from transpeft.report import write_report
 from transpeft.revalidate import Candidate, judge, revalidate
 from transpeft.tracking import AdapterRecord
 from transpeft.train import TrainConfig, train_adapter
@@ -93,3 +94,10 @@ def test_incompatible_base_fails_with_each_mismatch(trained):
 def test_missing_task_data_fails_with_the_path(trained, tmp_path):
     outcome = revalidate(new_base(trained), trained.root / "adapter", trained.candidate, tmp_path, GATE, tmp_path)
     assert outcome.decision == "failed" and "ack" in outcome.reasons[0]
+
+
+def test_report_of_an_empty_registry_is_a_table_without_a_heatmap(tmp_path):
+    """The first base of a family is revalidated before any adapter exists."""
+    written = write_report({}, tmp_path, "Transfer report: demo up to v1")
+    assert [p.name for p in written] == ["transfer_report.md", "transfer_report.csv"]
+    assert "| adapter |" in written[0].read_text()

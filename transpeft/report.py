@@ -24,7 +24,7 @@ def registry_matrix(records: dict[str, list]) -> Matrix:
 
 
 def write_report(matrix: Matrix, out: Path, title: str) -> list[Path]:
-    """transfer_report.md, transfer_report.csv and transfer_heatmap.png under ``out``."""
+    """transfer_report.md, transfer_report.csv and (unless the matrix is empty) transfer_heatmap.png under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     adapters = sorted(matrix)
     versions = sorted({v for row in matrix.values() for v in row})
@@ -46,6 +46,8 @@ def write_report(matrix: Matrix, out: Path, title: str) -> list[Path]:
         writer.writerow(["adapter", *versions])
         writer.writerows([a, *("" if v is None else round(v, 4) for v in row)] for a, row in zip(adapters, cells))
 
+    if not adapters:  # nothing registered yet: the table says so, there is nothing to draw
+        return [markdown, table]
     heatmap = out / "transfer_heatmap.png"
     fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(versions), 1.2 + 0.45 * len(adapters)))
     values = [[float("nan") if v is None else 100 * v for v in row] for row in cells]

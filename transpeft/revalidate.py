@@ -233,7 +233,7 @@ def record_outcome(registry: Registry, parent_run: str, target: BaseRecord, outc
         outcome.adapter, Path(outcome.adapter_dir), target, REGISTRY_STATUS[outcome.decision],
         {t: {"exact_match": v} for t, v in outcome.served_scores.items()}, child,
         transferred_from=outcome.source_version, serve=outcome.decision != "flagged",
-        tags={"gate": "passed" if outcome.decision in ("passed", "retuned") else "; ".join(outcome.reasons)[:5000]})
+        tags={"gate": "passed" if outcome.decision == "passed" else "; ".join(outcome.reasons)[:5000]})
     registry.finish_run(child)
     return record
 

@@ -36,6 +36,8 @@ from pathlib import Path
 import yaml
 
 HOST = "127.0.0.1"
+# Where the Prefect server listens; clients always use HOST. A container sets 0.0.0.0 (see Dockerfile).
+BIND = os.environ.get("TRANSPEFT_BIND_HOST", HOST)
 WORK_POOL = "transpeft-local"
 WORKER_NAME = "transpeft-local-worker"
 WEBHOOK_NAME = "transpeft-base-registered"
@@ -172,7 +174,7 @@ def start_prefect_server(stack: Stack, say) -> int:
     """Spawn `prefect server start` (SQLite under .prefect/); its pid. Does not wait for it."""
     _check_port_free(stack, "prefect-server", stack.prefect_port, "PREFECT_PORT")
     say(f"prefect-server: starting at {stack.prefect_url} (log {stack.log_file('prefect-server')})")
-    cmd = [stack.tool("prefect"), "server", "start", "--host", HOST, "--port", str(stack.prefect_port),
+    cmd = [stack.tool("prefect"), "server", "start", "--host", BIND, "--port", str(stack.prefect_port),
            "--analytics-off"]
     return _spawn(stack, "prefect-server", cmd, stack.env()).pid
 
@@ -294,7 +296,8 @@ def start_worker(stack: Stack, say) -> None:
     cmd = [stack.tool("prefect"), "worker", "start", "--pool", WORK_POOL, "--name", WORKER_NAME,
            "--type", "process", "--install-policy", "never"]
     started = time.time() - 1
-    pid = _spawn(stack, name, cmd, stack.env()).pid
+    # Poll every 2 s (Prefect's default is 10): a registered base's revalidation starts within seconds.
+    pid = _spawn(stack, name, cmd, stack.env(PREFECT_WORKER_QUERY_SECONDS="2")).pid
     _wait_until(name, stack, lambda: worker_online(stack, since=started), pid, 60,
                 f"check that the Prefect server answers at {stack.prefect_api_url}/health")
     say(f"{name}: up (pid {pid}), polling work pool {WORK_POOL}")

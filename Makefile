@@ -4,18 +4,28 @@ PY := $(VENV)/bin/python
 OUT ?= demo-out
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test bench up down status repro clean
+.PHONY: install demo demo-and-serve compare test bench up down status repro clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	# torch first and pinned: pip takes the local CPU wheel instead of pulling GBs of CUDA packages.
-	$(PY) -m pip install -q torch==2.13.0
+	# TORCH_INDEX_URL picks another build of it (the Dockerfile's GPU variant).
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed
 
+# The whole story (transpeft/demo/story.py): data, bases, the local stack, the fleet, v2 and v3, the report.
 demo: install
+	$(VENV)/bin/transpeft story --report demo-report
+
+# The container's command: the story, then the stack stays up (its UIs) while the worker's log streams.
+demo-and-serve: demo
+	tail -F .stack/logs/worker.log
+
+# The quick side-by-side table of plain vs Trans-PEFT adapters, no servers (transpeft demo).
+compare: install
 	$(VENV)/bin/transpeft demo --profile demo --out $(OUT)
 
 test: install

@@ -12,7 +12,7 @@ from transpeft.cli import build_parser
 
 COMMANDS = [["bases", "build-demo"], ["bases", "fingerprint"], ["bases", "register"], ["bases", "list"],
             ["adapters", "list"], ["data", "build-demo"], ["data", "validate"], ["train"], ["evaluate"],
-            ["transfer"], ["demo"]]
+            ["transfer"], ["demo"], ["story"], ["stack"]]
 
 
 def cli(*args, check=True):
@@ -113,3 +113,18 @@ def test_demo_prints_the_four_arms_per_task(tmp_path):
     assert any(c.startswith("transpeft train") and "--p-c 0.1" in c for c in result["commands"])
     again = cli("demo", "--profile", "test", "--out", tmp_path, "--json")
     assert json.loads(again.stdout)["exact_match"] == result["exact_match"]  # reused, not retrained
+
+
+def test_dockerfile_is_lint_clean_and_runs_the_readme_commands():
+    """hadolint finds nothing, and the image does what the README says: make install, then make demo."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    linted = subprocess.run([str(Path(sys.executable).with_name("hadolint")), str(root / "Dockerfile")],
+                            capture_output=True, text=True)
+    assert linted.returncode == 0, linted.stdout + linted.stderr
+    dockerfile = (root / "Dockerfile").read_text()
+    assert "RUN make install" in dockerfile and 'CMD ["make", "demo-and-serve"]' in dockerfile
+    assert "make demo" in (root / "README.md").read_text()
+    make = (root / "Makefile").read_text()
+    assert "demo-and-serve: demo\n" in make and "demo: install\n" in make

@@ -158,3 +158,19 @@ def test_model_without_an_ffn_is_refused_clearly():
 def test_probabilities_outside_unit_interval_are_refused():
     with pytest.raises(ValueError, match="p_c must be in"):
         attach_regularisers(model_for("llama"), p_c=1.5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_layer_drift_is_zero_for_the_same_base_and_separates_attention_from_ffn(arch):
+    from transpeft.drift import layer_drift
+    from transpeft.regularisers import find_ffn_sites
+
+    old, new = tiny_model(arch), tiny_model(arch)
+    assert all(row["attention"] == row["ffn"] == 0 for row in layer_drift(old, new))
+    with torch.no_grad():
+        for param in getattr(find_ffn_sites(new)[1].layer, find_ffn_sites(new)[1].slot_name).parameters():
+            param.mul_(1.5)  # only layer 1's FFN moves, by half its norm
+    rows = layer_drift(old, new)
+    assert [r["layer"] for r in rows] == [0, 1]
+    assert rows[0] == {"layer": 0, "attention": 0.0, "ffn": 0.0}
+    assert rows[1]["attention"] == 0.0 and rows[1]["ffn"] == pytest.approx(0.5, abs=1e-3)

@@ -284,6 +284,17 @@ def cmd_adapters_list(args) -> int:
     return 0
 
 
+def cmd_story(args) -> int:
+    from .demo.story import StoryError, run_story
+
+    try:
+        run_story(Path(args.report))
+    except StoryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo.compare import format_table, run_comparison
 
@@ -416,6 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json(p)
     p.set_defaults(func=cmd_transfer)
 
+    p = _parser("story", sub, "the whole product story on the demo family (make demo): data and bases with DVC, "
+                              "the local stack, the fleet on v1, v2 and v3 revalidated by themselves, the report",
+                "transpeft story --report demo-report")
+    p.add_argument("--report", default="demo-report", help="where to write report.html, report.md and images")
+    p.set_defaults(func=cmd_story)
     p = _parser("demo", sub, "build the demo family and tasks, then compare plain and Trans-PEFT adapters across "
                              "the v1 -> v2 update", "transpeft demo --profile demo --out demo")
     p.add_argument("--profile", choices=("test", "demo"), default="demo")

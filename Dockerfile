@@ -1,0 +1,37 @@
+# The README's two commands in an image: `make install` at build time, `make demo` when it runs, then
+# the local stack stays up for its UIs.
+#
+#   docker build -t transpeft .
+#   docker run --rm -p 4200:4200 -p 5000:5000 transpeft        # Prefect UI :4200, MLflow UI :5000
+#   docker run --rm transpeft make test                         # the test suite, as CI runs it
+#
+# GPU variant: a CUDA build of the same torch, from PyTorch's index, on an image with the CUDA runtime:
+#   docker build -t transpeft:gpu --build-arg BASE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
+#       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
+#   docker run --rm --gpus all -p 4200:4200 -p 5000:5000 transpeft:gpu
+# (training then uses bf16 autocast on the GPU by itself).
+ARG BASE=python:3.11-slim-bookworm
+FROM ${BASE}
+
+# make and git run the README's steps (DVC versions the data in the repository's git); curl for
+# mlflow/up's health check; python3-venv for the ubuntu-based GPU image. Not pinned: the base image
+# (Debian or Ubuntu, a build argument) decides which versions exist, and these are plain tools.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends make git curl python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /transpeft
+COPY . .
+
+ARG TORCH_INDEX_URL=""
+ENV HF_HUB_OFFLINE=1 \
+    PREFECT_SERVER_ANALYTICS_ENABLED=false \
+    MLFLOW_DISABLE_TELEMETRY=true \
+    DVC_NO_ANALYTICS=1 \
+    TRANSPEFT_BIND_HOST=0.0.0.0 \
+    MLFLOW_HOST=0.0.0.0
+RUN make install TORCH_INDEX_URL="${TORCH_INDEX_URL}"
+
+EXPOSE 4200 5000
+CMD ["make", "demo-and-serve"]

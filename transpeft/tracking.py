@@ -115,7 +115,14 @@ class Registry:
 
     def _experiment(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)
-        return found.experiment_id if found else self.client.create_experiment(name)
+        if found:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except MlflowException as e:  # a concurrent task created it first
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return self.client.get_experiment_by_name(name).experiment_id
 
     def start_run(self, step: str, name: str, tags: dict | None = None, parent_run_id: str | None = None) -> str:
         tags = {k: str(v) for k, v in (tags or {}).items()}

@@ -70,22 +70,30 @@ def _deployment_id(name: str) -> str:
     return _api(f"/deployments/name/{name}")["id"]
 
 
-def _follow(run_id: str, show: tuple[str, ...] = (": ", "demo/")) -> dict:
-    """Wait for a flow run to end, echoing its log lines that report progress; the run when it ends."""
-    seen, started = 0, time.perf_counter()
+_NOISE = ("Executing deployment step", "All deployment steps", "Beginning flow run", "View at", "Opening process",
+          "Completed submission", "Finished in state", "Downloading")
+
+
+def _follow(run_id: str) -> dict:
+    """Wait for a flow run to end, echoing what its flow logs (each adapter as it is decided); the run."""
+    seen, started, ended = 0, time.perf_counter(), 0
     while True:
         run = _api(f"/flow_runs/{run_id}")
+        ended += run["state_type"] in TERMINAL
+        if ended == 1:  # the last lines reach the server a moment after the run ends
+            time.sleep(2)
         logs = _api("/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_ASC",
                                      "offset": seen, "limit": 200})
         for entry in logs:
             message = entry["message"].splitlines()[0]
-            if entry["level"] >= 20 and any(s in message for s in show) and "View at" not in message:
+            if entry["level"] >= 20 and not entry.get("task_run_id") and not message.startswith(_NOISE):
                 print(f"    [{time.perf_counter() - started:5.0f}s] {message[:160]}", flush=True)
         seen += len(logs)
         if run["state_type"] in TERMINAL:
             if run["state_type"] != "COMPLETED":
+                ui = prefect_api_url().removesuffix("/api")
                 raise StoryError(f"flow run {run['name']} ({run_id}) ended {run['state_name']}: see the Prefect UI, "
-                                 f"http://127.0.0.1:4200/runs/flow-run/{run_id}")
+                                 f"{ui}/runs/flow-run/{run_id}, or .stack/logs/worker.log")
             return run
         time.sleep(2)
 
@@ -201,6 +209,6 @@ def run_story(report_dir: Path = Path("demo-report")) -> Path:
 Where to look:
   the report      {html.resolve()}  (and {html.with_suffix('.md')})
   MLflow UI       {_mlflow_uri()}  (Model training > Models: adapter-*, base-demo; Experiments: transfer, report)
-  Prefect UI      http://127.0.0.1:4200  (Runs: transfer-on-base-update, started by the events)
+  Prefect UI      {prefect_api_url().removesuffix("/api")}  (Runs: transfer-on-base-update, started by the events)
 Stop the servers with `make down`; `make demo` again reuses everything built.""")
     return html

@@ -200,3 +200,18 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
 
 def _tail(path: Path, lines: int = 30) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def wait_until(condition, timeout: float = 30, step: float = 0.2):
+    """The first truthy value of condition(), or its last value after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(step)
+    return condition()
+
+
+def stored_events(api_url: str, **filter_) -> list[dict]:
+    """Events the Prefect server has persisted, e.g. stored_events(url, id={"id": [event_id]})."""
+    return prefect_api(api_url, "/events/filter", {"filter": filter_, "limit": 50})["events"]

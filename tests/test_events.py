@@ -22,26 +22,11 @@ import pytest
 import yaml
 
 from conftest import char_tokenizer, tiny_model
-from servers import PROJECT_ROOT, free_port, prefect_api
+from servers import PROJECT_ROOT, free_port, prefect_api, stored_events, wait_until
 from transpeft.cli import main
 from transpeft.events import (BASE_REGISTERED, DEFAULT_PREFECT_API_URL, TRANSFER_DEPLOYMENT, EventNotDelivered,
                               base_registered_event, check_reachable, emit, prefect_api_url)
 from transpeft.tracking import Registry
-
-
-def wait_until(condition, timeout: float = 20, step: float = 0.2):
-    """The first truthy value of condition(), or its last value after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(step)
-    return condition()
-
-
-def stored_events(api_url: str, **filter_) -> list[dict]:
-    """Events the server has persisted, e.g. stored_events(url, id={"id": [event_id]})."""
-    return prefect_api(api_url, "/events/filter", {"filter": filter_, "limit": 50})["events"]
 
 
 def runs_of(api_url: str, deployment_id: str, family: str, version: str) -> list[dict]:

@@ -9,7 +9,6 @@ its Prefect database, MLflow store and .stack/ live under tmp_path and never tou
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import stat

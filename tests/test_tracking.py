@@ -7,13 +7,11 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 from mlflow.exceptions import MlflowException
 
 from servers import free_port
-from transpeft.adapters import read_manifest
 from transpeft.bases import BaseRef, load_base
 from transpeft.data import load_tasks
 from transpeft.demo.family import build_demo_family

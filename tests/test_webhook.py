@@ -20,7 +20,7 @@ import uuid
 import pytest
 from mlflow.webhooks.delivery import _generate_hmac_signature as mlflow_sign
 
-from servers import free_port, prefect_api, start_mlflow
+from servers import free_port, prefect_api, start_mlflow, stored_events, wait_until
 from transpeft.events import BASE_REGISTERED
 from transpeft.webhook import MAX_BODY, SignatureError, base_event, make_server, sign, verify_signature
 
@@ -185,18 +185,6 @@ def post(server, body: bytes, headers: dict) -> tuple[int, dict]:
         conn.close()
 
 
-def wait_until(condition, timeout: float = 30, step: float = 0.2):
-    """The first truthy value of condition(), or its last value after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(step)
-    return condition()
-
-
-def stored_events(api_url: str, **filter_) -> list[dict]:
-    return prefect_api(api_url, "/events/filter", {"filter": filter_, "limit": 50})["events"]
 
 
 @pytest.mark.server

@@ -7,6 +7,7 @@ import torch
 
 from conftest import base_info, char_tokenizer, copy_task, tiny_model
 from transpeft import methods
+from transpeft.adapters import read_manifest
 from transpeft.batching import IGNORE, collate, encode
 from transpeft.data import Example
 from transpeft.methods import MethodConfig, get_method
@@ -96,3 +97,33 @@ def test_a_model_without_an_adapter_is_refused():
     model.requires_grad_(False)
     with pytest.raises(ValueError, match="attach a PEFT method first"):
         train_loop(model, char_tokenizer(), list(copy_task(8, 1).train), TrainConfig(steps=1))
+
+
+def test_two_processes_train_data_parallel_and_save_once(tmp_path):
+    """`accelerate launch --multi_gpu` on GPUs; here the same DDP path on the CPU (gloo) with torchrun."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "train_ddp.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from accelerate import PartialState\n"
+        "from conftest import base_info, char_tokenizer, copy_task, tiny_model\n"
+        "from transpeft.methods import MethodConfig\n"
+        "from transpeft.train import TrainConfig, train_adapter\n"
+        "tok, model = char_tokenizer(), tiny_model()\n"
+        "_, _, result = train_adapter(model, tok, base_info(model, tok), [copy_task(32, 8)], MethodConfig(r=4),\n"
+        "                             TrainConfig(steps=4, batch_size=8, lr=2e-2), sys.argv[1], progress=False)\n"
+        "state = PartialState()\n"
+        "print(f'rank {state.process_index} of {state.num_processes} first loss {result.losses[0]:.6f}')\n")
+    done = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", str(script),
+                           str(tmp_path / "adapter")], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
+    assert [r.split(" first")[0] for r in ranks] == ["rank 0 of 2", "rank 1 of 2"]
+    assert ranks[0].split()[-1] != ranks[1].split()[-1]  # each process trained on its own batches
+    assert read_manifest(tmp_path / "adapter").training["steps"] == 4  # written once, by the main process

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -100,10 +100,11 @@ def train_loop(model, tokenizer, examples: list[Example], config: TrainConfig, p
         raise ValueError("the model has no trainable parameters; attach a PEFT method first")
     _, _, pad = special_ids(tokenizer)
     encoded = [encode(tokenizer, ex) for ex in examples]
-    batches = _batches(encoded, config.batch_size, pad, config.seed)
-
     accelerator = Accelerator(mixed_precision=_mixed_precision(config.precision),
                               gradient_accumulation_steps=config.grad_accum)
+    # Under `accelerate launch` with several processes each draws its own batches (data parallel;
+    # DDP averages the gradients); a single process draws exactly what it always did.
+    batches = _batches(encoded, config.batch_size, pad, config.seed + accelerator.process_index)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup * config.steps), config.steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -174,5 +175,8 @@ def train_adapter(base_model, tokenizer, base: BaseInfo, tasks: list[Task], meth
                   "loss_curve": [round(x, 5) for x in result.losses]},
         metrics=metrics, library_versions=library_versions(),
     )
-    save_adapter(model, out, manifest)
+    state = PartialState()
+    if state.is_main_process:  # one writer when several processes trained together
+        save_adapter(model, out, manifest)
+    state.wait_for_everyone()
     return model, manifest, result

@@ -9,6 +9,7 @@ import urllib.error
 
 import requests
 from mlflow.exceptions import MlflowException
+from prefect.cache_policies import NO_CACHE
 
 from transpeft.events import EventNotDelivered
 from transpeft.tracking import TrackingUnavailable
@@ -29,3 +30,7 @@ def transient_io(task, task_run, state) -> bool:
     """Prefect retry condition: retry only when the failure is transient I/O."""
     error = state.result(raise_on_failure=False)
     return isinstance(error, BaseException) and is_transient(error)
+
+
+# Every task that talks to a server: retried on transient I/O only, never cached (they have effects).
+IO = {**RETRY, "retry_condition_fn": transient_io, "cache_policy": NO_CACHE}

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from transpeft.bases import BaseRef, load_base
 from transpeft.events import base_registered_event, emit
 from transpeft.tracking import BaseRecord, Registry
 
-from . import RETRY, transient_io
-
-IO = {**RETRY, "retry_condition_fn": transient_io, "cache_policy": NO_CACHE}
+from . import IO
 
 
 @task(**IO)

@@ -6,7 +6,6 @@ import tempfile
 from pathlib import Path
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from transpeft.bases import BaseRef, lend_base
 from transpeft.data import load_tasks
@@ -14,9 +13,7 @@ from transpeft.nightly import record_nightly, regressions, served, unrevalidated
 from transpeft.tracking import AdapterRecord, BaseRecord, Registry
 from transpeft.transfer import transfer_fleet
 
-from . import RETRY, transient_io
-
-IO = {**RETRY, "retry_condition_fn": transient_io, "cache_policy": NO_CACHE}
+from . import IO
 
 
 @task(**IO)

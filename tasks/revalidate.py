@@ -13,9 +13,7 @@ from transpeft.revalidate import (Candidate, Outcome, Plan, close_revalidation, 
                                   record_outcome, revalidate)
 from transpeft.tracking import BaseRecord, Registry
 
-from . import RETRY, transient_io
-
-IO = {**RETRY, "retry_condition_fn": transient_io, "cache_policy": NO_CACHE}
+from . import IO
 
 
 @task(**IO)
@@ -41,12 +39,7 @@ def judge_adapter(adapter_dir: str, candidate: Candidate, target: BaseRecord, da
                   workdir: str) -> dict:
     """Transfer, evaluate, gate, and re-tune or flag one adapter (compute only: never retried)."""
     ref = BaseRef(target.source, target.revision, target.family, target.version)
-    with lend_base(ref) as slot:
-        if slot.info.fingerprint != target.fingerprint:
-            slot.broken = True
-            raise ValueError(f"base {target.family}/{target.version} at {target.source} is not the registered one "
-                             f"(fingerprint {slot.info.fingerprint}, registered {target.fingerprint}); "
-                             "register the changed weights as a new version")
+    with lend_base(ref, target.fingerprint) as slot:
         outcome = revalidate(slot, Path(adapter_dir), candidate, Path(data_dir), gate, Path(workdir) / candidate.name)
     return outcome.as_dict()
 

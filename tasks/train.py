@@ -6,7 +6,6 @@ import tempfile
 from pathlib import Path
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from transpeft.bases import lend_base
 from transpeft.data import load_task
@@ -17,11 +16,10 @@ from transpeft.train import train_adapter
 from transpeft.transfer import unload_adapter
 from transpeft.versioning import dvc_hash
 
-from . import RETRY, transient_io
+from . import IO
 
 
-@task(cache_policy=NO_CACHE, retries=RETRY["retries"], retry_delay_seconds=RETRY["retry_delay_seconds"],
-      retry_condition_fn=transient_io, task_run_name="finetune {task_name}-{run}")
+@task(**IO, task_run_name="finetune {task_name}-{run}")
 def finetune_adapter(uri: str, task_name: str, run: str, data_dir: str, params_file: str) -> dict:
     """Train adapter ``<task>-<run>`` on its run's base and register it there; skipped when it already is."""
     params = load_params(params_file)
@@ -33,10 +31,7 @@ def finetune_adapter(uri: str, task_name: str, run: str, data_dir: str, params_f
         return {"adapter": name, "base_version": spec.base, "model_version": existing[-1].model_version,
                 "metrics": existing[-1].metrics, "skipped": True}
     task_data = load_task(Path(data_dir) / task_name)
-    with tempfile.TemporaryDirectory() as tmp, lend_base(base_ref(params.bases, spec.base)) as slot:
-        if slot.info.fingerprint != base.fingerprint:
-            slot.broken = True
-            raise ValueError(f"base {base.family}/{base.version} on disk differs from the registered one")
+    with tempfile.TemporaryDirectory() as tmp, lend_base(base_ref(params.bases, spec.base), base.fingerprint) as slot:
         out = Path(tmp) / name
         adapted, manifest, _ = train_adapter(slot.model, slot.tokenizer, slot.info, [task_data], params.train.method,
                                              params.train.config(run), out, progress=False)

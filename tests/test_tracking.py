@@ -150,3 +150,14 @@ def test_cli_registers_bases_trains_transfers_and_lists_side_by_side(mlflow_serv
     text = cli("adapters", "list").stdout
     assert "faq-bot" in text and "trained*" in text and "transferred*" in text
     assert "tiny" in cli("bases", "list").stdout
+
+
+def test_a_lent_base_must_still_be_the_registered_one(family):
+    from transpeft.bases import BaseLoadError, lend_base
+
+    ref = BaseRef(str(family / "tiny" / "v1"))
+    with pytest.raises(BaseLoadError, match="is not the registered one"):
+        with lend_base(ref, "sha256:registered-before-the-weights-changed"):
+            pass
+    with lend_base(ref, load_base(ref)[2].fingerprint) as slot:
+        assert slot.info.version == "v1"

@@ -158,7 +158,8 @@ class BaseLender:
         self._loading: dict[BaseRef, threading.Lock] = {}
 
     @contextmanager
-    def borrow(self, ref: BaseRef):
+    def borrow(self, ref: BaseRef, fingerprint: str | None = None):
+        """An instance of the base; with ``fingerprint``, only if the weights are still the registered ones."""
         with self._lock:
             idle = self._idle.setdefault(ref, [])
             slot = idle.pop() if idle else None
@@ -167,6 +168,10 @@ class BaseLender:
             with loading:  # one load at a time per base: a second slot waits instead of doubling the I/O
                 model, tokenizer, info = load_base(ref)
             slot = SimpleNamespace(model=model, tokenizer=tokenizer, info=info)
+        if fingerprint is not None and slot.info.fingerprint != fingerprint:
+            raise BaseLoadError(f"base {ref.family}/{ref.version} at {ref.source} is not the registered one "
+                                f"(fingerprint {slot.info.fingerprint}, registered {fingerprint}); register the "
+                                "changed weights as a new version")  # the instance is dropped, not lent again
         yield slot
         if not getattr(slot, "broken", False):
             with self._lock:
@@ -176,6 +181,6 @@ class BaseLender:
 _LENDER = BaseLender()  # one per process: Prefect threads share it, each Dask worker process has its own
 
 
-def lend_base(ref: BaseRef):
-    """This process's lender's ``borrow(ref)``: ``with lend_base(ref) as slot: slot.model ...``."""
-    return _LENDER.borrow(ref)
+def lend_base(ref: BaseRef, fingerprint: str | None = None):
+    """This process's lender's ``borrow``: ``with lend_base(ref) as slot: slot.model ...``."""
+    return _LENDER.borrow(ref, fingerprint)

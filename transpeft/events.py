@@ -21,6 +21,8 @@ import urllib.request
 import uuid
 from datetime import datetime, timezone
 
+from .health import health_problem
+
 BASE_REGISTERED = "transpeft.base.registered"
 TRANSFER_DEPLOYMENT = "transfer-on-base-update/all-adapters"  # what the event starts (prefect.yaml)
 DEFAULT_PREFECT_API_URL = "http://127.0.0.1:4200/api"
@@ -40,15 +42,9 @@ def prefect_api_url(url: str | None = None) -> str:
 
 def check_reachable(api_url: str, timeout: float = 5) -> None:
     """Raise EventNotDelivered unless the Prefect server answers {api_url}/health."""
-    try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=timeout) as response:
-            if response.status == 200:
-                return
-            problem = f"answered /health with {response.status}"
-    except urllib.error.HTTPError as e:
-        problem = f"answered /health with {e.code}"
-    except OSError as e:  # URLError, refused connections, timeouts
-        problem = f"is not reachable ({getattr(e, 'reason', e)})"
+    problem = health_problem(f"{api_url}/health", timeout)
+    if problem is None:
+        return
     raise EventNotDelivered(f"Prefect server at {api_url} {problem}; start the local stack with `make up`, "
                             "or set PREFECT_API_URL to your Prefect server's API (http://HOST:PORT/api)")
 

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import yaml
 
+from .health import health_problem
+
 HOST = "127.0.0.1"
 # Where the Prefect server listens; clients always use HOST. A container sets 0.0.0.0 (see Dockerfile).
 BIND = os.environ.get("TRANSPEFT_BIND_HOST", HOST)
@@ -516,11 +518,7 @@ def _request(url: str, body: dict | None = None, timeout: float = 5):
 
 
 def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except (OSError, ValueError):
-        return False
+    return health_problem(url, timeout=2) is None
 
 
 def _deploy_fingerprint(stack: Stack) -> str:

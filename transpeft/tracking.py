@@ -24,8 +24,6 @@ import json
 import os
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +33,7 @@ from mlflow.exceptions import MlflowException
 
 from .adapters import Manifest, read_manifest
 from .bases import BaseInfo
+from .health import health_problem
 
 DEFAULT_TRACKING_URI = "http://127.0.0.1:5000"
 BASE_PREFIX, ADAPTER_PREFIX = "base-", "adapter-"
@@ -63,14 +62,10 @@ def tracking_uri(uri: str | None = None) -> str:
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    try:
-        with urllib.request.urlopen(f"{uri}/health", timeout=timeout) as response:
-            if response.status == 200:
-                return
-    except (urllib.error.URLError, OSError) as e:
-        raise TrackingUnavailable(f"MLflow tracking server at {uri} is not reachable ({e}); start the local one "
-                                  "with `make up` or set MLFLOW_TRACKING_URI") from None
-    raise TrackingUnavailable(f"MLflow tracking server at {uri} answered /health with an error")
+    problem = health_problem(f"{uri}/health", timeout)
+    if problem is not None:
+        raise TrackingUnavailable(f"MLflow tracking server at {uri} {problem}; start the local one with `make up` "
+                                  "or set MLFLOW_TRACKING_URI")
 
 
 def _alias(text: str) -> str:

@@ -127,3 +127,46 @@ def test_two_processes_train_data_parallel_and_save_once(tmp_path):
     assert [r.split(" first")[0] for r in ranks] == ["rank 0 of 2", "rank 1 of 2"]
     assert ranks[0].split()[-1] != ranks[1].split()[-1]  # each process trained on its own batches
     assert read_manifest(tmp_path / "adapter").training["steps"] == 4  # written once, by the main process
+
+
+def test_concurrent_trainings_in_threads_are_bit_identical_run_to_run(tmp_path):
+    """The Prefect fan-out trains adapters in threads of one process: the same seeds must give the same
+    weights whatever the interleaving (initialisation, adapter and base dropout, regularisers)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import copy
+
+    tok = char_tokenizer()
+    task = copy_task(32, 8)
+    bases = {"llama": tiny_model("llama"), "gpt2": tiny_model("gpt2")}  # GPT-2 keeps nn.Dropout (p = 0.1) layers
+
+    def train(name: str, seed: int, arch: str):
+        base = copy.deepcopy(bases[arch])  # loaded bases, as the flows lend them: no draws of their own
+        config = TrainConfig(steps=8, batch_size=8, lr=2e-2, p_c=0.3, p_i=0.1, seed=seed)
+        model, _, result = train_adapter(base, tok, base_info(base, tok), [task], MethodConfig(r=4, dropout=0.2),
+                                         config, tmp_path / name, progress=False)
+        return result.losses, {k: v.clone() for k, v in get_method("lora").adapter_state(model).items()}
+
+    def round_of(tag: str):
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            jobs = [pool.submit(train, f"{tag}-{i}", seed, arch) for i, (seed, arch) in enumerate([(0, "llama"), (1, "gpt2")])]
+            return [job.result() for job in jobs]
+
+    first, second = round_of("a"), round_of("b")
+    for (losses_a, weights_a), (losses_b, weights_b) in zip(first, second):
+        assert losses_a == losses_b
+        assert weights_a.keys() == weights_b.keys()
+        assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert first[0][0] != first[1][0]  # two different trainings, not one repeated
+
+
+def test_private_dropout_is_put_back_after_training(tmp_path):
+    base = tiny_model("gpt2")
+    before = [type(m) for m in base.modules()]
+    run_model, _, _ = train_adapter(base, char_tokenizer(), base_info(base, char_tokenizer()), [copy_task(16, 4)],
+                                    MethodConfig(r=4, dropout=0.1), TrainConfig(steps=2, batch_size=4),
+                                    tmp_path / "a", progress=False)
+    from transpeft.seeding import PrivateDropout
+
+    assert not any(isinstance(m, PrivateDropout) for m in run_model.modules())
+    assert sum(type(m) is torch.nn.Dropout for m in run_model.get_base_model().modules()) > before.count(torch.nn.Dropout)

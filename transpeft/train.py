@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -25,6 +24,7 @@ from .data import Example, Task
 from .evaluate import evaluate
 from .methods import MethodConfig, get_method
 from .regularisers import attach_regularisers
+from .seeding import private_dropout, seeded
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -109,6 +109,7 @@ def train_loop(model, tokenizer, examples: list[Example], config: TrainConfig, p
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup * config.steps), config.steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     regularisers = attach_regularisers(accelerator.unwrap_model(model), config.p_i, config.p_c, config.seed)
+    dropouts = private_dropout(accelerator.unwrap_model(model), config.seed)  # concurrent runs stay reproducible
 
     losses, tokens = [], 0
     start = time.perf_counter()
@@ -137,6 +138,7 @@ def train_loop(model, tokenizer, examples: list[Example], config: TrainConfig, p
                 bar.set_postfix(loss=f"{step_loss:.3f}")
     finally:
         regularisers.remove()
+        dropouts.remove()
         model.eval()
     if not all(torch.isfinite(p).all() for p in params):
         raise TrainingDiverged("adapter weights became NaN or infinite; lower the learning rate")
@@ -158,11 +160,11 @@ def train_adapter(base_model, tokenizer, base: BaseInfo, tasks: list[Task], meth
     Returns (adapted model, manifest, train result). The base model is wrapped in place; unload
     the adapter with ``transfer.unload_adapter`` to reuse the base.
     """
-    set_seed(config.seed)  # the adapter's initial weights come from this seed too
-    if warm_start is None:
-        model = get_method(method.name).attach(base_model, method)
-    else:
-        model = get_method(method.name).load(base_model, Path(warm_start), trainable=True)
+    with seeded(config.seed):  # the adapter's initial weights come from this seed, whatever other threads do
+        if warm_start is None:
+            model = get_method(method.name).attach(base_model, method)
+        else:
+            model = get_method(method.name).load(base_model, Path(warm_start), trainable=True)
     examples = [ex for task in tasks for ex in task.train]
     result = train_loop(model, tokenizer, examples, config, progress)
     metrics = {task.name: evaluate(model, tokenizer, list(task.eval)).as_dict() for task in tasks}

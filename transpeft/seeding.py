@@ -1,0 +1,76 @@
+"""Reproducible training when several adapters train at once in one process (the Prefect fan-out).
+
+torch has one global random generator per process, shared by every thread. Two trainings that each
+seed it and then draw from it (an adapter's initial weights, ``nn.Dropout``) interleave their draws
+in whatever order the threads run, so the same seed gave different adapters from run to run. Here:
+
+- ``seeded(seed)`` seeds the global generators and holds them for one thread while it draws the
+  adapter's initial weights;
+- ``private_dropout(model, seed)`` swaps every ``nn.Dropout`` of the model for one that draws from
+  its own generator while it trains, and puts the originals back afterwards.
+
+Batches and Trans-PEFT's regularisers already draw from private generators, so a training run draws
+nothing from the shared generator after its initialisation.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+
+import torch
+from accelerate.utils import set_seed
+from torch import nn
+
+_GLOBAL_GENERATOR = threading.Lock()
+
+
+@contextmanager
+def seeded(seed: int):
+    """The process's global generators seeded with ``seed`` and held by this thread until the block ends."""
+    with _GLOBAL_GENERATOR:
+        set_seed(seed)
+        yield
+
+
+class PrivateDropout(nn.Module):
+    """``nn.Dropout`` (same scaling) drawing its masks from a generator of its own."""
+
+    def __init__(self, p: float, seed: int):
+        super().__init__()
+        self.p, self._seed = p, seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self._seed)
+        return self._generators[device]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = torch.rand(x.shape, generator=self._generator(x.device), device=x.device) >= self.p
+        return x * keep.to(x.dtype) / (1 - self.p)
+
+
+class _Swapped:
+    def __init__(self, swaps: list[tuple[nn.Module, str, nn.Module]]):
+        self._swaps = swaps
+
+    def remove(self) -> None:
+        for parent, name, original in reversed(self._swaps):
+            setattr(parent, name, original)
+        self._swaps.clear()
+
+
+def private_dropout(model: nn.Module, seed: int) -> _Swapped:
+    """Replace each ``nn.Dropout`` with p > 0 (adapter's and base's) by a ``PrivateDropout``; ``.remove()`` undoes it."""
+    swaps = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Dropout and child.p > 0:
+                replacement = PrivateDropout(child.p, seed + 1000 + len(swaps))
+                replacement.train(child.training)
+                setattr(parent, name, replacement)
+                swaps.append((parent, name, child))
+    return _Swapped(swaps)

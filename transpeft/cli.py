@@ -87,8 +87,11 @@ def _metrics_table(rows: dict[str, dict], columns=("exact_match", "token_accurac
 def cmd_bases_build_demo(args) -> int:
     from .demo.family import build_demo_family
 
-    summary = build_demo_family(Path(args.out), profile=args.profile, progress=not args.json)
-    _emit(args, summary, f"built demo base family ({args.profile}) in {args.out}: v1, v2, v3")
+    summary = build_demo_family(Path(args.out), profile=args.profile, progress=not args.json, quick=args.quick)
+    similarity = ", ".join(f"{pair} attention {s['attention']:.3f} / FFN {s['ffn']:.3f}"
+                           for pair, s in summary["similarity"].items())
+    _emit(args, summary, f"built demo base family ({args.profile}) in {args.out}: v1, v2, v3\n"
+                         f"output similarity on task inputs: {similarity}")
     return 0
 
 
@@ -303,6 +306,42 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from dataclasses import replace
+
+    from .demo.family import PROFILES, ensure_demo_family
+    from .demo.tasks import ensure_demo_tasks
+    from .params import load_params
+    from .study import Inputs, run_study
+
+    params = load_params(args.params)
+    config = params.study
+    if config is None:
+        print(f"error: {args.params} has no study key", file=sys.stderr)
+        return EXIT_ERROR
+    if args.profile:  # a self-built family of that size, built here unless already there
+        ensure_demo_family(Path(args.bases), args.profile, quick=args.quick, say=print)
+        profile = PROFILES[args.profile].quick() if args.quick else PROFILES[args.profile]
+        ensure_demo_tasks(Path(args.data), profile.n_train, profile.n_eval)
+    overrides = {k: v for k, v in (("seeds", args.seeds), ("workers", args.workers), ("steps", args.steps)) if v}
+    config = replace(config, **overrides)
+    config = config.quick() if args.quick else config
+    versions = sorted({v for pair in config.pairs for v in pair})
+    inputs = Inputs(bases={v: str(Path(args.bases) / v) for v in versions}, family=params.bases.family,
+                    data=args.data, workdir=args.workdir,
+                    device=args.device, dtype=args.dtype)
+    summary = run_study(config, inputs, Path(args.out), say=lambda line: print(line, flush=True))
+    from .study_results import main_table
+
+    text = main_table(summary) + f"\n\nre-tune knee: {summary['retune_knee']} steps; wrote {args.out}/"
+    if args.track:
+        from .tracking import log_study, tracking_uri
+
+        text += f"\nMLflow run {log_study(tracking_uri(args.tracking_uri), summary, Path(args.out))} (experiment study)"
+    _emit(args, summary, text)
+    return 0
+
+
 def cmd_stack(args) -> int:
     from . import stack
 
@@ -336,8 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     bases_sub = bases.add_subparsers(dest="bases_command", required=True)
     p = _parser("build-demo", bases_sub, "build the demo base family v1 (pretrained), v2 and v3 (updated)",
                 "transpeft bases build-demo --profile demo --out demo/bases")
-    p.add_argument("--profile", choices=("test", "demo"), default="demo",
-                   help="test: seconds, for tests; demo: a few minutes on 2 CPU cores")
+    p.add_argument("--profile", choices=("test", "demo", "gpu"), default="demo",
+                   help="test: seconds, for tests; demo: about 5 minutes on 2 CPU cores; gpu: 27.5 M parameters, "
+                        "100 M tokens, for a GPU")
+    p.add_argument("--quick", action="store_true", help="the profile's shapes in a few steps (a smoke run)")
     p.add_argument("--out", required=True, help="directory to write v1/, v2/, v3/ and family.json to")
     _add_json(p)
     p.set_defaults(func=cmd_bases_build_demo)
@@ -438,6 +479,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo", help="working directory (reused when run again)")
     _add_json(p)
     p.set_defaults(func=cmd_demo)
+
+    p = _parser("study", sub, "the transfer study: plain vs Trans-PEFT adapters over a grid of settings, seeds and "
+                              "base updates, with re-tune curves; raw rows, summary, report and plots",
+                "transpeft study                                   # params.yaml's study (= dvc repro study)",
+                "transpeft study --quick --out /tmp/study           # the whole path in a minute, measures nothing",
+                "transpeft study --profile gpu --bases study-gpu/bases --data study-gpu/data --out study/gpu \\",
+                "    --device cuda --dtype bfloat16 --workers 1")
+    p.add_argument("--params", default="params.yaml", help="the params file whose study key to run")
+    p.add_argument("--bases", default="pipeline/bases", help="folder holding one folder per base version")
+    p.add_argument("--data", default="pipeline/data", help="folder of task folders")
+    p.add_argument("--out", default="study", help="where results.json, summary.json, report.md and plots go")
+    p.add_argument("--workdir", default="pipeline/study", help="where finished jobs are kept, for resuming")
+    p.add_argument("--profile", choices=("test", "demo", "gpu"),
+                   help="build that demo family into --bases and its tasks into --data first, unless already there")
+    p.add_argument("--quick", action="store_true", help="two settings, two seeds, a few steps: a smoke run")
+    p.add_argument("--seeds", type=lambda s: tuple(int(x) for x in s.split(",")), help="comma-separated seeds")
+    p.add_argument("--steps", type=int, help="adapter training steps (default: study.steps)")
+    p.add_argument("--workers", type=int, help="parallel training processes (default: study.workers)")
+    p.add_argument("--device", help="cpu or cuda (default: the library's choice)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="base weights' dtype")
+    _add_tracking(p)
+    _add_json(p)
+    p.set_defaults(func=cmd_study)
 
     p = _parser("stack", sub, "the local stack: Prefect server, MLflow server, webhook receiver and a worker "
                               "serving prefect.yaml's deployments, all on 127.0.0.1, state under the project",

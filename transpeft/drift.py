@@ -37,3 +37,42 @@ def layer_drift(old: nn.Module, new: nn.Module) -> list[dict]:
                      "attention": round(_drift(getattr(a.layer, attention), getattr(b.layer, attention)), 4),
                      "ffn": round(_drift(getattr(a.layer, a.slot_name), getattr(b.layer, b.slot_name)), 4)})
     return rows
+
+
+@torch.no_grad()
+def activation_similarity(old: nn.Module, new: nn.Module, tokenizer, texts: list[str]) -> list[dict]:
+    """Per decoder layer, how alike the two versions' sub-layer outputs are on the same inputs.
+
+    Each layer's attention output and FFN output is captured on ``texts`` (task inputs) in both
+    models; the cosine similarity between the old and the new output is averaged over every real
+    token. The paper's reading of real updates: attention outputs stay alike, FFN outputs move.
+    """
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    outputs = []
+    for model in (old, new):
+        captured: dict[tuple[int, str], torch.Tensor] = {}
+        handles = []
+        for site in find_ffn_sites(model):
+            for kind, module in (("attention", getattr(site.layer, find_attention_slot(site.layer))), ("ffn", site.slot)):
+                def hook(_module, _args, output, key=(site.layer_index, kind)):
+                    captured[key] = (output[0] if isinstance(output, tuple) else output).float()
+                handles.append(module.register_forward_hook(hook))
+        was_training = model.training
+        model.eval()
+        try:
+            device = next(model.parameters()).device
+            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        finally:
+            model.train(was_training)
+            for handle in handles:
+                handle.remove()
+        outputs.append(captured)
+    mask = batch["attention_mask"].bool()
+    rows = []
+    for layer in sorted({i for i, _ in outputs[0]}):
+        row = {"layer": layer}
+        for kind in ("attention", "ffn"):
+            a, b = outputs[0][(layer, kind)].cpu(), outputs[1][(layer, kind)].cpu()
+            row[kind] = round(float(torch.nn.functional.cosine_similarity(a, b, dim=-1)[mask].mean()), 4)
+        rows.append(row)
+    return rows

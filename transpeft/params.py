@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from .methods import MethodConfig
+from .study import StudyConfig
 from .train import TrainConfig
 
 
@@ -99,6 +100,7 @@ class Params:
     tracking: dict
     nightly: Nightly = Nightly()
     fanout: Fanout = Fanout()
+    study: StudyConfig | None = None
 
 
 def _build(cls, raw, where: str):
@@ -150,12 +152,26 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ParamsError(f"params.yaml: fanout.task_runner must be threads or dask, got {fanout.task_runner!r}")
     if fanout.max_workers < 1:
         raise ParamsError(f"params.yaml: fanout.max_workers must be >= 1, got {fanout.max_workers}")
+    study = _study(raw["study"], bases) if raw.get("study") else None
     nightly = _build(Nightly, raw.get("nightly") or {}, "nightly")
     if len(nightly.cron.split()) != 5:
         raise ParamsError(f"params.yaml: nightly.cron must be a 5-field cron expression, got {nightly.cron!r}")
     return Params(prepare=_build(Prepare, raw["prepare"], "prepare"), bases=bases, train=train,
                   transfer=raw.get("transfer") or {}, report=raw.get("report") or {}, gate=gate,
-                  tracking=raw.get("tracking") or {}, nightly=nightly, fanout=fanout)
+                  tracking=raw.get("tracking") or {}, nightly=nightly, fanout=fanout, study=study)
+
+
+def _study(raw: dict, bases: Bases) -> StudyConfig:
+    if not isinstance(raw, dict):
+        raise ParamsError("params.yaml: study must be a mapping")
+    targets = raw.get("targets")
+    if isinstance(targets, dict):  # name -> module list, or null for all linear layers
+        raw = {**raw, "targets": {k: tuple(v) if v else None for k, v in targets.items()}}
+    study = _build(StudyConfig, raw, "study")
+    unknown = sorted({v for pair in study.pairs for v in pair} - set(bases.versions))
+    if unknown:
+        raise ParamsError(f"params.yaml: study.updates names {', '.join(unknown)}, not in bases.versions")
+    return study
 
 
 def lookup(params: Params, dotted: str):

@@ -373,3 +373,23 @@ def record_update(registry: Registry, target: BaseInfo, outcomes: dict[str, dict
         registry.client.log_artifacts(parent, tmp, "report")
     registry.finish_run(parent)
     return parent
+
+
+def log_study(uri: str | None, summary: dict, out: Path) -> str:
+    """One MLflow run in experiment ``study``: the settings, the main table as metrics, every output file."""
+    registry = Registry(uri)
+    chosen = summary["chosen"]
+    run = registry.start_run("study", f"study {', '.join(summary['updates'])}", {"seeds": summary["seeds"]})
+    metrics = {}
+    for update, tasks in summary["table"].items():
+        for task, row in tasks.items():
+            for arm, cell in row.items():
+                if cell["mean"] is not None:
+                    metrics[f"{arm}.{task}.{update.replace('->', '_to_')}"] = cell["mean"]
+    registry.log(run, params={**{f"adapter.{k}": v for k, v in summary["adapter"].items()},
+                              "chosen.targets": chosen["targets"], "chosen.p_c": chosen["p_c"],
+                              "chosen.p_i": chosen["p_i"], "retune_knee": summary["retune_knee"]},
+                 metrics=metrics)
+    registry.client.log_artifacts(run, str(out), "study")
+    registry.finish_run(run)
+    return run

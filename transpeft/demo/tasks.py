@@ -1,14 +1,15 @@
-"""The demo tasks: the skills the demo bases learned in pretraining, asked in a Q/A format they never saw.
+"""The demo tasks: the skills the demo bases learned in pretraining, asked as questions they never saw.
 
-    reverse  (manipulation)  "Q: reverse kqzav\\nA: "        -> "vazqk"
-    sort     (manipulation)  "Q: sort kqzav\\nA: "           -> "akqvz"
-    lookup   (knowledge)     "Q: zorbo pet?\\nA: "            -> "owl"
-    add      (arithmetic)    "Q: what is 47 + 2?\\nA: "      -> "49"  (no carry)
+    reverse  (manipulation)  "reverse kqzav?\\n"   -> "vazqk"
+    sort     (manipulation)  "sort kqzav?\\n"      -> "akqvz"
+    lookup   (knowledge)     "zorbo pet?\\n"       -> "owl"
+    add      (arithmetic)    "47 + 2?\\n"          -> "49"  (no carry)
 
-Eval rows never appear in train: reverse/sort/add eval inputs are held out from train, and lookup's
-eval asks about other entities than its train split (the adapter must learn the format, the base
-must supply the fact). Lookup only asks about entities whose facts no base version changes, so one
-task set is valid on the whole family.
+Pretraining never puts a question mark or a line break between an input and its answer, so every
+task's format is new to the bases. Eval rows never appear in train: reverse/sort/add eval inputs are
+held out from train, and lookup's eval asks for other facts than its train split (the adapter learns
+the question format, the base must supply the fact). Lookup only asks about facts no base version
+changes, so one task set is valid on the whole family.
 """
 
 from __future__ import annotations
@@ -23,20 +24,21 @@ DEFAULT_TRAIN, DEFAULT_EVAL = 2000, 200
 
 
 def reverse_example(s: str) -> Example:
-    return Example(f"Q: reverse {s}\nA: ", s[::-1])
+    return Example(f"reverse {s}?\n", s[::-1])
 
 
 def sort_example(s: str) -> Example:
-    return Example(f"Q: sort {s}\nA: ", "".join(sorted(s)))
+    return Example(f"sort {s}?\n", "".join(sorted(s)))
 
 
 def lookup_example(entity: str, attribute: str, value: str) -> Example:
-    # Entity then attribute, as in every pretraining format, and few tokens before the answer.
-    return Example(f"Q: {entity} {attribute}?\nA: ", value)
+    # Entity then attribute, as in pretraining, and the answer right after the question: each token
+    # between them halved what an adapter could learn ("Q: ... ?\nA: " kept 26 % on v1, this 85 %).
+    return Example(f"{entity} {attribute}?\n", value)
 
 
 def add_example(a: int, b: int) -> Example:
-    return Example(f"Q: what is {a} + {b}?\nA: ", str(a + b))
+    return Example(f"{a} + {b}?\n", str(a + b))
 
 
 def distinct_inputs(draw, n: int, exclude: set) -> list:
@@ -67,15 +69,40 @@ def addition_splits(rng: random.Random, n_train: int, n_eval: int) -> tuple[list
 
 
 def lookup_splits(rng: random.Random, n_train: int, n_eval: int) -> tuple[list[Example], list[Example]]:
-    """Train cycles over the train entities' facts; eval asks each eval-entity fact at most once."""
-    w = world("v1")  # eval and train entities keep their facts in every version
-    eval_facts = [(e, a) for e in w.eval_entities for a in ATTRIBUTES]
-    train_facts = [(e, a) for e in w.train_entities for a in ATTRIBUTES]
-    rng.shuffle(eval_facts)
+    """A third of the stable facts for eval (each asked once), the rest cycled for train.
+
+    Split by fact, not by entity: an eval question asks for an attribute the adapter never saw asked
+    of that entity, so its answer can only come from the base. Split by entity, with as many facts,
+    an adapter on the demo's v1 reached 67 % instead of 85 %.
+    """
+    w = world("v1")  # the stable entities keep their facts in every version
+    facts = [(e, a) for e in w.stable_entities for a in ATTRIBUTES]
+    rng.shuffle(facts)
+    eval_facts, train_facts = facts[:len(facts) // 3], facts[len(facts) // 3:]
     train = [train_facts[i % len(train_facts)] for i in range(n_train)]
     rng.shuffle(train)
     return ([lookup_example(e, a, w.facts[(e, a)]) for e, a in train],
             [lookup_example(e, a, w.facts[(e, a)]) for e, a in eval_facts[:n_eval]])
+
+
+def demo_task_specs(seed: int, n_train: int, n_eval: int) -> list[tuple[str, str, str, tuple[list, list]]]:
+    """(name, kind, description, (train, eval)) of every demo task, drawn from one seeded generator."""
+    rng = random.Random(seed)
+    return [
+        ("reverse", "manipulation", "reverse a string of 4-7 lowercase letters",
+         string_splits(reverse_example, rng, n_train, n_eval)),
+        ("sort", "manipulation", "sort the letters of a string of 4-7 lowercase letters",
+         string_splits(sort_example, rng, n_train, n_eval)),
+        ("lookup", "knowledge", "an attribute of a made-up entity the bases read about in pretraining",
+         lookup_splits(rng, n_train, n_eval)),
+        ("add", "arithmetic", "a two-digit plus a one-digit number, without carry",
+         addition_splits(rng, n_train, n_eval)),
+    ]
+
+
+def demo_task_examples(n: int, seed: int = 0) -> dict[str, list[Example]]:
+    """``n`` evaluation examples of every demo task, without writing anything."""
+    return {name: eval_ for name, _, _, (_, eval_) in demo_task_specs(seed, n, n)}
 
 
 def build_demo_tasks(out: Path, seed: int = 0, n_train: int | None = None,
@@ -83,17 +110,15 @@ def build_demo_tasks(out: Path, seed: int = 0, n_train: int | None = None,
     """Write the demo task folders under ``out``; returns their names."""
     n_train = DEFAULT_TRAIN if n_train is None else n_train
     n_eval = DEFAULT_EVAL if n_eval is None else n_eval
-    rng = random.Random(seed)
-    specs = [
-        ("reverse", "manipulation", "reverse a string of 4-7 lowercase letters",
-         string_splits(reverse_example, rng, n_train, n_eval)),
-        ("sort", "manipulation", "sort the letters of a string of 4-7 lowercase letters",
-         string_splits(sort_example, rng, n_train, n_eval)),
-        ("lookup", "knowledge", "one attribute of a made-up entity the bases read about in pretraining",
-         lookup_splits(rng, n_train, n_eval)),
-        ("add", "arithmetic", "a two-digit plus a one-digit number, without carry",
-         addition_splits(rng, n_train, n_eval)),
-    ]
+    specs = demo_task_specs(seed, n_train, n_eval)
     for name, kind, description, (train, eval_) in specs:
         write_task(Path(out) / name, name, kind, description, train, eval_)
     return [name for name, *_ in specs]
+
+
+def ensure_demo_tasks(out: Path, n_train: int, n_eval: int, seed: int = 0) -> list[str]:
+    """The demo tasks under ``out``, written unless every task folder is already there."""
+    names = [name for name, *_ in demo_task_specs(seed, 1, 1)]
+    if all((Path(out) / name / "task.json").is_file() for name in names):
+        return names
+    return build_demo_tasks(Path(out), seed, n_train, n_eval)

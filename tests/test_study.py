@@ -1,0 +1,134 @@
+"""The transfer study: its settings' refusals, its arithmetic on known rows, and a real quick run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from transpeft.demo.family import build_demo_family
+from transpeft.demo.tasks import build_demo_tasks
+from transpeft.study import QKVO, Inputs, StudyConfig, plan_grid, run_study
+from transpeft.study_results import _index, choose, gap_closed, main_table, old_cost, retune_knee
+
+ROW_KEYS = {"task", "update", "arm", "p_c", "p_i", "targets", "seed", "exact_match"}
+
+
+def config(**changes) -> StudyConfig:
+    return replace(StudyConfig(tasks=("reverse", "lookup"), updates=("v1->v2", "v1->v3")), **changes)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"updates": ("v1-v2",)}, "not 'old->new'"),
+    ({"updates": ("v2->v2",)}, "not 'old->new'"),
+    ({"updates": ()}, "updates is empty"),
+    ({"tasks": ()}, "tasks is empty"),
+    ({"seeds": (0, 0)}, "distinct"),
+    ({"p_c": (0.1, 0.2)}, "must include 0"),
+    ({"p_i": (0.0, 1.0)}, "in [0, 1)"),
+    ({"cells": "some"}, "full or axes"),
+    ({"retune_steps": (0,)}, "positive"),
+    ({"targets": {}}, "targets is empty"),
+    ({"workers": 0}, "workers"),
+    ({"r": 0}, "rank"),
+])
+def test_bad_settings_are_refused_with_what_to_fix(changes, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(")", r"\)")):
+        config(**changes)
+
+
+def test_full_grid_crosses_every_axis_and_axes_varies_one_at_a_time():
+    full = config()
+    assert len(full.settings()) == 2 * 4 * 3
+    axes = config(cells="axes")
+    assert sorted((pc, pi) for t, pc, pi in axes.settings() if t == "qkvo") == sorted(
+        [(0.0, 0.0), (0.1, 0.0), (0.2, 0.0), (0.3, 0.0), (0.0, 0.05), (0.0, 0.1)])
+    jobs = plan_grid(full)
+    trains = [j for j in jobs if j.kind == "train"]
+    assert len(trains) == 24 * 3 and all(j.base == "v1" and j.score_on == ("v2", "v3") for j in trains)
+    assert len([j for j in jobs if j.kind == "ft_new"]) == 2 * 2 * 3  # new bases x targets x seeds
+
+
+def _rows(values: dict[tuple, list[float]]) -> list[dict]:
+    """{(update, task, arm, p_c): [exact match per seed]} -> rows, targets qkvo."""
+    return [{"task": task, "update": update, "arm": arm, "p_c": p_c, "p_i": 0.0, "targets": "qkvo", "seed": seed,
+             "exact_match": v} for (update, task, arm, p_c), per_seed in values.items() for seed, v in enumerate(per_seed)]
+
+
+KNOWN = _rows({
+    ("v1->v2", "reverse", "ft_old", 0.0): [1.0, 1.0], ("v1->v2", "reverse", "ft_old", 0.1): [0.99, 0.99],
+    ("v1->v2", "reverse", "ft_old", 0.3): [0.80, 0.80],
+    ("v1->v2", "reverse", "direct", 0.0): [0.50, 0.40], ("v1->v2", "reverse", "transpeft", 0.1): [0.90, 0.64],
+    ("v1->v2", "reverse", "transpeft", 0.3): [0.95, 0.95], ("v1->v2", "reverse", "ft_new", 0.0): [1.0, 1.0],
+    ("v1->v2", "reverse", "retune@10", 0.0): [0.6, 0.6], ("v1->v2", "reverse", "retune@50", 0.0): [0.98, 0.98],
+    ("v1->v2", "reverse", "retune@10", 0.1): [0.9, 0.9], ("v1->v2", "reverse", "retune@50", 0.1): [0.97, 0.97],
+})
+
+
+def test_gap_closed_is_per_seed_share_of_direct_to_ft_new():
+    cells = _index(KNOWN)
+    assert gap_closed(cells, "v1->v2", "reverse", "qkvo", 0.1, 0.0) == pytest.approx([0.8, 0.4])
+    assert old_cost(cells, "qkvo", 0.3, 0.0) == pytest.approx([0.2, 0.2])
+
+
+def test_choice_keeps_to_the_old_base_budget_and_says_so_when_nothing_does():
+    chosen = choose(KNOWN, max_old_cost=0.02)
+    assert (chosen["p_c"], chosen["within_cost"]) == (0.1, True)  # p_c 0.3 transfers better but costs 20 points
+    loose = choose(KNOWN, max_old_cost=0.5)
+    assert loose["p_c"] == 0.3
+    nothing = choose([r for r in KNOWN if r["p_c"] != 0.1], max_old_cost=0.02)
+    assert not nothing["within_cost"] and "no setting stays within" in nothing["why"]
+
+
+def test_knee_is_the_smallest_budget_reaching_95_percent_of_ft_new():
+    chosen = {"targets": "qkvo", "p_c": 0.1, "p_i": 0.0}
+    assert retune_knee(_index(KNOWN), chosen) == 50  # 10 steps: mean 0.75 < 0.95; 50 steps: 0.975
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    build_demo_family(root / "bases", profile="test", progress=False)
+    build_demo_tasks(root / "data", n_train=32, n_eval=8)
+    return root
+
+
+def _inputs(root, workdir="work") -> Inputs:
+    return Inputs(bases={v: str(root / "bases" / v) for v in ("v1", "v2", "v3")}, family="demo",
+                  data=str(root / "data"), workdir=str(root / workdir))
+
+
+def test_quick_study_writes_every_row_and_output_then_resumes_without_retraining(family):
+    quick = replace(config(targets={"qkvo": QKVO}).quick(), workers=1)
+    lines = []
+    summary = run_study(quick, _inputs(family), family / "out", say=lines.append)
+    rows = json.loads((family / "out" / "results.json").read_text())
+    assert rows and all(set(r) == ROW_KEYS for r in rows)
+    arms = {r["arm"] for r in rows}
+    assert arms == {"ft_old", "direct", "transpeft", "ft_new", "retune@2"}
+    assert {r["update"] for r in rows} == {"v1->v2", "v1->v3"} and {r["seed"] for r in rows} == {0, 1}
+    assert all(0.0 <= r["exact_match"] <= 1.0 for r in rows)
+    for name in ("summary.json", "report.md", "gap_closed.png", "grid.png", "retune.png"):
+        assert (family / "out" / name).stat().st_size > 0, name
+    assert json.loads((family / "out" / "summary.json").read_text())["defaults"]["retune_steps"] == 2
+    assert "| v1->v2 | reverse |" in main_table(summary)
+
+    again = []
+    assert run_study(quick, _inputs(family), family / "out2", say=again.append)["table"] == summary["table"]
+    assert any("already done" in line for line in again)
+    assert not any("] train on" in line for line in again)  # nothing retrained
+    assert json.loads((family / "out2" / "results.json").read_text()) == rows
+
+
+def test_two_worker_processes_give_the_rows_one_process_gives(family):
+    quick = config(targets={"qkvo": QKVO}, tasks=("reverse",), updates=("v1->v2",)).quick()
+    one = run_study(replace(quick, workers=1), _inputs(family, "w1"), family / "one", say=lambda _: None)
+    two = run_study(replace(quick, workers=2), _inputs(family, "w2"), family / "two", say=lambda _: None)
+    assert one["table"] == two["table"]
+
+
+def test_a_version_without_a_base_directory_is_refused(family):
+    inputs = replace(_inputs(family), bases={"v1": str(family / "bases" / "v1")})
+    with pytest.raises(ValueError, match="no model directory: v2"):
+        run_study(config(updates=("v1->v2",)).quick(), inputs, family / "never")

@@ -1,0 +1,346 @@
+"""The transfer study: what Trans-PEFT buys over direct transfer, over seeds, base updates and a grid.
+
+    transpeft study                  # params.yaml's study on pipeline/bases and pipeline/data (= dvc repro study)
+    transpeft study --quick          # a smoke run: two settings, two seeds, a few steps
+
+For every setting of the grid (LoRA targets x p_c x p_i) and every seed, one adapter is trained on the
+old base of each update, on all the study's tasks at once, and scored per task on the old base and, as
+it is, on the new one. Per task, update and seed the rows hold these arms:
+
+    ft_old      the adapter on the base it was trained on
+    direct      the plain adapter (p_c = p_i = 0) on the new base, as it is
+    transpeft   an adapter trained with the regularisers on the new base, as it is
+    ft_new      a plain adapter trained on the new base: what re-tuning with the data could reach
+    retune@N    the direct or the chosen Trans-PEFT adapter re-tuned N steps on the new base, warm-started
+                from its transferred weights with its own regularisers
+
+Every row goes to ``results.json``; the summary, the report and the plots are computed from those
+rows alone (``transpeft.study_results``). Finished jobs are kept under the work directory, so an
+interrupted study resumes where it stopped and a changed setting re-runs only what it changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from .methods import MethodConfig
+from .train import TrainConfig
+
+QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")  # the reference scripts' LoRA targets
+ARMS = ("ft_old", "direct", "transpeft", "ft_new")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """What the study measures; params.yaml's ``study`` key, validated on construction."""
+
+    tasks: tuple[str, ...]
+    updates: tuple[str, ...]  # "old->new" base versions, e.g. "v1->v2"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    targets: dict[str, tuple[str, ...] | None] = field(
+        default_factory=lambda: {"qkvo": QKVO, "all-linear": None})  # name -> LoRA target modules (None: all linear)
+    p_c: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3)
+    p_i: tuple[float, ...] = (0.0, 0.05, 0.1)
+    cells: str = "full"  # full: every targets x p_c x p_i; axes: p_c with p_i = 0, and p_i with p_c = 0
+    r: int = 16
+    alpha: float = 16.0
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup: float = 0.06
+    retune_steps: tuple[int, ...] = (10, 25, 50, 100)
+    max_old_cost: float = 0.02  # the chosen setting may cost at most this much exact match on the old base
+    workers: int = 2  # processes; the CPU cores are split between them
+
+    def __post_init__(self):
+        if not self.tasks:
+            raise ValueError("study.tasks is empty; name the tasks to measure")
+        for update in self.updates:
+            old, sep, new = update.partition("->")
+            if not sep or not old or not new or old == new:
+                raise ValueError(f"study.updates: {update!r} is not 'old->new', e.g. v1->v2")
+        if not self.updates:
+            raise ValueError("study.updates is empty; name at least one, e.g. v1->v2")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"study.seeds must be distinct and non-empty, got {self.seeds}")
+        if not self.targets:
+            raise ValueError("study.targets is empty; e.g. {qkvo: [q_proj, k_proj, v_proj, o_proj], all-linear: null}")
+        for name in ("p_c", "p_i"):
+            values = getattr(self, name)
+            if 0.0 not in values:
+                raise ValueError(f"study.{name} must include 0: the direct-transfer arm is the plain adapter")
+            if not all(0.0 <= v < 1.0 for v in values):
+                raise ValueError(f"study.{name} values must be in [0, 1), got {values}")
+        if self.cells not in ("full", "axes"):
+            raise ValueError(f"study.cells must be full or axes, got {self.cells!r}")
+        if not self.retune_steps or min(self.retune_steps) < 1:
+            raise ValueError(f"study.retune_steps must be positive step budgets, got {self.retune_steps}")
+        if self.workers < 1:
+            raise ValueError(f"study.workers must be >= 1, got {self.workers}")
+        MethodConfig(r=self.r, alpha=self.alpha)
+        TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, warmup=self.warmup)
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        return [tuple(u.split("->")) for u in self.updates]
+
+    def settings(self) -> list[tuple[str, float, float]]:
+        """(targets, p_c, p_i) cells: the plain adapter plus every regularised one of the grid."""
+        if self.cells == "full":
+            grid = [(pc, pi) for pc in self.p_c for pi in self.p_i]
+        else:
+            grid = [(pc, 0.0) for pc in self.p_c] + [(0.0, pi) for pi in self.p_i if pi]
+        return [(t, pc, pi) for t in self.targets for pc, pi in grid]
+
+    def quick(self) -> StudyConfig:
+        """Two settings, two seeds, a few steps: checks the whole path in a minute, measures nothing."""
+        return replace(self, seeds=self.seeds[:2], targets=dict(list(self.targets.items())[:1]),
+                       p_c=(0.0, max(self.p_c)), p_i=(0.0,), steps=4, retune_steps=(2,), batch_size=8)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training and its scoring, run in a worker process."""
+
+    kind: str  # train (grid cell on an old base), ft_new (plain on a new base), retune
+    base: str  # the version it trains on
+    targets: str
+    p_c: float
+    p_i: float
+    seed: int
+    steps: int
+    score_on: tuple[str, ...] = ()  # train: the new versions it is put on as it is
+    start: str = ""  # retune: the job id of the trained adapter it starts from
+
+    def describe(self) -> str:
+        what = {"train": "train", "ft_new": "fine-tune on new", "retune": f"re-tune {self.steps} steps"}[self.kind]
+        return f"{what} on {self.base}, {self.targets}, p_c {self.p_c}, p_i {self.p_i}, seed {self.seed}"
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Where the bases and the task data are, and how models are placed (handed to every worker)."""
+
+    bases: dict[str, str]  # version -> model directory
+    family: str
+    data: str
+    workdir: str
+    device: str | None = None
+    dtype: str = "float32"
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def job_id(job: Job, config: StudyConfig, identity: dict) -> str:
+    """Stable id of a job: what it runs, on which weights and data; a changed input gives a new id."""
+    recipe = {k: v for k, v in asdict(config).items() if k in ("tasks", "r", "alpha", "batch_size", "lr", "warmup")}
+    if job.kind != "retune":
+        recipe["steps"] = config.steps
+    blob = json.dumps({"job": asdict(job), "recipe": recipe, "targets": config.targets.get(job.targets),
+                       "identity": identity}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# -- the worker side ------------------------------------------------------------------------------
+
+_STATE: dict = {}
+
+
+def _init_worker(inputs: Inputs, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    _STATE.clear()
+    _STATE.update(inputs=inputs, bases={})
+
+
+def _base(version: str):
+    """(model, tokenizer, info) of a base, loaded once per worker process."""
+    from .bases import BaseRef, load_base
+
+    inputs: Inputs = _STATE["inputs"]
+    if version not in _STATE["bases"]:
+        import torch
+
+        _STATE["bases"][version] = list(load_base(BaseRef(inputs.bases[version], family=inputs.family, version=version),
+                                                  dtype=getattr(torch, inputs.dtype), device=inputs.device))
+    return _STATE["bases"][version]
+
+
+def _tasks(names: tuple[str, ...]):
+    from .data import load_tasks
+
+    if "tasks" not in _STATE:
+        _STATE["tasks"] = load_tasks(_STATE["inputs"].data, list(names))
+    return _STATE["tasks"]
+
+
+def run_job(job: Job, key: str, config: StudyConfig) -> list[dict]:
+    """Train what the job says, score it, return its rows (and keep the adapter for re-tuning)."""
+    from .train import train_adapter
+    from .transfer import transfer_fleet, unload_adapter
+
+    inputs: Inputs = _STATE["inputs"]
+    tasks = _tasks(config.tasks)
+    method = MethodConfig(r=config.r, alpha=config.alpha, target_modules=config.targets[job.targets])
+    train = TrainConfig(steps=job.steps, batch_size=config.batch_size, lr=config.lr, warmup=config.warmup,
+                        p_c=job.p_c, p_i=job.p_i, seed=job.seed)
+    adapter = Path(inputs.workdir) / "adapters" / key
+    warm = Path(inputs.workdir) / "adapters" / job.start if job.kind == "retune" else None
+    slot = _base(job.base)
+    model, manifest, _ = train_adapter(slot[0], slot[1], slot[2], tasks, method, train, adapter, progress=False,
+                                       warm_start=warm)
+    slot[0] = unload_adapter(model, method.name)
+    on_own = {t: m["exact_match"] for t, m in manifest.metrics.items()}
+    common = {"p_c": job.p_c, "p_i": job.p_i, "targets": job.targets, "seed": job.seed}
+    if job.kind == "ft_new":
+        return [{"task": t, "update": u, "arm": "ft_new", **common, "exact_match": on_own[t]}
+                for u in config.updates if u.endswith("->" + job.base) for t in on_own]
+    if job.kind == "retune":
+        return [{"task": t, "update": job.score_on[0], "arm": f"retune@{job.steps}", **common, "exact_match": on_own[t]}
+                for t in on_own]
+    rows = [{"task": t, "update": f"{job.base}->{new}", "arm": "ft_old", **common, "exact_match": on_own[t]}
+            for new in job.score_on for t in on_own]
+    arm = "direct" if job.p_c == job.p_i == 0 else "transpeft"
+    for new in job.score_on:
+        target = _base(new)
+        outcome = transfer_fleet(target[0], target[1], target[2], [adapter], tasks)[str(adapter)]
+        if outcome["verdict"] != "compatible":
+            raise RuntimeError(f"{adapter} cannot be put on {new}: {outcome['mismatches']}")
+        rows += [{"task": t, "update": f"{job.base}->{new}", "arm": arm, **common, "exact_match": m["exact_match"]}
+                 for t, m in outcome["new"].items()]
+    return rows
+
+
+# -- the study ------------------------------------------------------------------------------------
+
+
+def plan_grid(config: StudyConfig) -> list[Job]:
+    """The trainings that do not depend on results: every grid cell on each old base, ft_new on each new one."""
+    news_of: dict[str, list[str]] = {}
+    for old, new in config.pairs:
+        news_of.setdefault(old, []).append(new)
+    jobs = [Job("train", old, t, pc, pi, seed, config.steps, tuple(news))
+            for old, news in news_of.items() for t, pc, pi in config.settings() for seed in config.seeds]
+    jobs += [Job("ft_new", new, t, 0.0, 0.0, seed, config.steps)
+             for new in dict.fromkeys(n for _, n in config.pairs) for t in config.targets for seed in config.seeds]
+    return jobs
+
+
+def plan_retune(config: StudyConfig, chosen: dict, keys: dict[Job, str]) -> list[Job]:
+    """Re-tune curves on every update, from the direct and from the chosen Trans-PEFT adapter."""
+    starts = [(chosen["targets"], 0.0, 0.0), (chosen["targets"], chosen["p_c"], chosen["p_i"])]
+    jobs = []
+    for old, new in config.pairs:
+        for t, pc, pi in starts:
+            for seed in config.seeds:
+                trained = next(j for j in keys if j.kind == "train" and (j.base, j.targets, j.p_c, j.p_i, j.seed)
+                               == (old, t, pc, pi, seed))
+                jobs += [Job("retune", new, t, pc, pi, seed, n, (f"{old}->{new}",), start=keys[trained])
+                         for n in config.retune_steps]
+    return jobs
+
+
+def _execute(jobs: list[Job], config: StudyConfig, inputs: Inputs, identity: dict, say: Callable[[str], None],
+             keys: dict[Job, str]) -> list[dict]:
+    """Run the jobs not already done, ``config.workers`` at a time; every job's rows."""
+    rows_dir = Path(inputs.workdir) / "rows"
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    for job in jobs:
+        keys[job] = job_id(job, config, identity)
+    done = {j: json.loads((rows_dir / f"{keys[j]}.json").read_text()) for j in jobs
+            if (rows_dir / f"{keys[j]}.json").is_file()}
+    todo = [j for j in jobs if j not in done]
+    if done:
+        say(f"  {len(done)} of {len(jobs)} jobs already done (kept under {rows_dir}), {len(todo)} to run")
+    start = time.perf_counter()
+
+    def finished(job: Job, rows: list[dict]) -> None:
+        done[job] = rows
+        _write_atomic(rows_dir / f"{keys[job]}.json", json.dumps(rows))
+        elapsed = time.perf_counter() - start
+        count = len(done) - (len(jobs) - len(todo))
+        eta = elapsed / count * (len(todo) - count)
+        say(f"  [{len(done)}/{len(jobs)}] {job.describe()}: {_brief(rows)}  ({elapsed:.0f} s, ~{eta:.0f} s left)")
+
+    threads = max(1, (os.cpu_count() or 1) // config.workers)
+    if config.workers == 1 or len(todo) <= 1:
+        _init_worker(inputs, threads if config.workers > 1 else (os.cpu_count() or 1))
+        for job in todo:
+            finished(job, run_job(job, keys[job], config))
+    else:
+        context = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
+        with ProcessPoolExecutor(config.workers, mp_context=context, initializer=_init_worker,
+                                 initargs=(inputs, threads)) as pool:
+            futures = {pool.submit(run_job, job, keys[job], config): job for job in todo}
+            for future in as_completed(futures):
+                finished(futures[future], future.result())
+    return [row for job in jobs for row in done[job]]
+
+
+def _brief(rows: list[dict]) -> str:
+    by_arm: dict[str, list[float]] = {}
+    for r in rows:
+        by_arm.setdefault(r["arm"] + (f" {r['update'].split('->')[1]}" if r["arm"] in ("direct", "transpeft") else ""),
+                          []).append(r["exact_match"])
+    return ", ".join(f"{arm} {100 * sum(v) / len(v):.0f}%" for arm, v in by_arm.items())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(f.name, path)
+
+
+def base_identity(inputs: Inputs, versions: list[str]) -> dict:
+    """What a job's result depends on besides its settings: the bases' weights and the task data."""
+    from .data import load_tasks
+
+    identity = {}
+    for version in versions:
+        files = sorted(Path(inputs.bases[version]).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"base {version}: no safetensors weights in {inputs.bases[version]}")
+        identity[version] = [_sha256_file(f) for f in files]
+    identity["data"] = {t.name: t.content_hash for t in load_tasks(inputs.data)}
+    return identity
+
+
+def run_study(config: StudyConfig, inputs: Inputs, out: Path, say: Callable[[str], None] = print) -> dict:
+    """Run (or resume) the study, write results.json and the summary files under ``out``; the summary."""
+    from .study_results import choose, summarize, write_outputs
+
+    versions = list(dict.fromkeys(v for pair in config.pairs for v in pair))
+    missing = [v for v in versions if v not in inputs.bases]
+    if missing:
+        raise ValueError(f"study.updates name base versions with no model directory: {', '.join(missing)}")
+    identity = base_identity(inputs, versions)
+    keys: dict[Job, str] = {}
+    started = time.perf_counter()
+    grid = plan_grid(config)
+    say(f"study: {len(config.settings())} settings x {len(config.seeds)} seeds on {', '.join(config.updates)}: "
+        f"{len(grid)} trainings, then the re-tune curves")
+    rows = _execute(grid, config, inputs, identity, say, keys)
+    chosen = choose(rows, config.max_old_cost)
+    say(f"  chosen: {chosen['targets']}, p_c {chosen['p_c']}, p_i {chosen['p_i']} ({chosen['why']})")
+    rows += _execute(plan_retune(config, chosen, keys), config, inputs, identity, say, keys)
+    rows.sort(key=lambda r: (r["update"], r["task"], r["arm"], r["targets"], r["p_c"], r["p_i"], r["seed"]))
+    summary = summarize(rows, config, chosen)
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    write_outputs(rows, summary, out)
+    return summary

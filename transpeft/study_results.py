@@ -1,0 +1,251 @@
+"""The transfer study's numbers, from its raw rows alone: the main table, the grid, the choice, the plots.
+
+Pure functions of ``results.json`` rows (``transpeft.study`` writes them), so every figure of the
+summary, of report.md and of the README can be recomputed from the committed rows:
+
+    gap closed   (transpeft - direct) / (ft_new - direct), per seed, then mean and spread over seeds
+    lead         transpeft - direct, per seed
+    old cost     ft_old of the plain adapter - ft_old of the regularised one, per seed
+    spread       the population standard deviation over seeds
+
+The chosen setting (the defaults of params.yaml) is the one that transfers best, mean exact match on the
+new bases over tasks, updates and seeds, among those costing at most ``max_old_cost`` on the old base.
+The re-tune knee is the smallest budget whose re-tuned adapters reach 95 % of fine-tuning on the new base.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+KNEE_SHARE = 0.95  # the re-tune budget is enough once it reaches this share of fine-tuning on the new base
+NO_GAP = 0.01  # a seed whose ft_new - direct is below this has no gap to close
+
+
+def _index(rows: list[dict]) -> dict[tuple, dict[int, float]]:
+    """(update, task, arm, targets, p_c, p_i) -> {seed: exact match}."""
+    cells: dict[tuple, dict[int, float]] = defaultdict(dict)
+    for r in rows:
+        cells[(r["update"], r["task"], r["arm"], r["targets"], r["p_c"], r["p_i"])][r["seed"]] = r["exact_match"]
+    return cells
+
+
+def spread(values: list[float]) -> dict:
+    """Mean and population standard deviation, rounded for reading; None for no values."""
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": round(statistics.fmean(values), 4), "std": round(statistics.pstdev(values), 4), "n": len(values)}
+
+
+def _paired(a: dict[int, float], b: dict[int, float]) -> list[tuple[float, float]]:
+    return [(a[s], b[s]) for s in sorted(a) if s in b]
+
+
+def gap_closed(cells, update: str, task: str, targets: str, p_c: float, p_i: float) -> list[float]:
+    """Per seed: the share of the direct -> ft_new gap the regularised adapter closes."""
+    tp = cells.get((update, task, "transpeft", targets, p_c, p_i), {})
+    direct = cells.get((update, task, "direct", targets, 0.0, 0.0), {})
+    new = cells.get((update, task, "ft_new", targets, 0.0, 0.0), {})
+    return [(tp[s] - direct[s]) / (new[s] - direct[s]) for s in sorted(tp)
+            if s in direct and s in new and new[s] - direct[s] >= NO_GAP]
+
+
+def _settings(cells) -> list[tuple[str, float, float]]:
+    return sorted({(k[3], k[4], k[5]) for k in cells if k[2] == "transpeft"})
+
+
+def _updates_tasks(cells) -> tuple[list[str], list[str]]:
+    return sorted({k[0] for k in cells}), sorted({k[1] for k in cells})
+
+
+def old_cost(cells, targets: str, p_c: float, p_i: float) -> list[float]:
+    """Per (task, seed): how much exact match on the old base the regularisers cost."""
+    updates, tasks = _updates_tasks(cells)
+    costs = []
+    for task in tasks:
+        seen_old = set()
+        for update in updates:  # ft_old repeats per update of the same old base: count each once
+            old = update.split("->")[0]
+            if old in seen_old:
+                continue
+            seen_old.add(old)
+            plain = cells.get((update, task, "ft_old", targets, 0.0, 0.0), {})
+            reg = cells.get((update, task, "ft_old", targets, p_c, p_i), {})
+            costs += [p - r for p, r in _paired(plain, reg)]
+    return costs
+
+
+def transferred(cells, targets: str, p_c: float, p_i: float) -> list[float]:
+    """Every exact match of the setting's adapters on the new bases, as they are."""
+    arm = "direct" if p_c == p_i == 0 else "transpeft"
+    return [v for k, seeds in cells.items() if k[2] == arm and k[3:] == (targets, p_c, p_i) for v in seeds.values()]
+
+
+def choose(rows: list[dict], max_old_cost: float) -> dict:
+    """The setting that transfers best within the old-base cost budget (the defaults of params.yaml)."""
+    cells = _index(rows)
+    candidates = []
+    for targets, p_c, p_i in _settings(cells):
+        cost = statistics.fmean(old_cost(cells, targets, p_c, p_i) or [0.0])
+        candidates.append({"targets": targets, "p_c": p_c, "p_i": p_i, "old_cost": round(cost, 4),
+                           "transferred": round(statistics.fmean(transferred(cells, targets, p_c, p_i)), 4)})
+    if not candidates:
+        raise ValueError("the study has no regularised setting (p_c or p_i > 0) to choose from")
+    within = [c for c in candidates if c["old_cost"] <= max_old_cost]
+    best = max(within or candidates, key=lambda c: c["transferred"])
+    plain = statistics.fmean(transferred(cells, best["targets"], 0.0, 0.0))
+    why = (f"best mean transferred exact match, {100 * best['transferred']:.1f} % against {100 * plain:.1f} % direct, "
+           f"at an old-base cost of {100 * best['old_cost']:.1f} points")
+    if not within:
+        why += f"; no setting stays within the {100 * max_old_cost:.0f}-point budget"
+    return {**best, "within_cost": bool(within), "why": why}
+
+
+def retune_curve(cells, update: str, targets: str, p_c: float, p_i: float) -> dict[int, list[float]]:
+    """{steps: exact matches over tasks and seeds} of the adapter re-tuned from the given start."""
+    curve: dict[int, list[float]] = defaultdict(list)
+    for k, seeds in cells.items():
+        if k[0] == update and k[2].startswith("retune@") and k[3:] == (targets, p_c, p_i):
+            curve[int(k[2].split("@")[1])] += list(seeds.values())
+    return dict(sorted(curve.items()))
+
+
+def retune_knee(cells, chosen: dict) -> int | None:
+    """Smallest budget whose re-tuned adapters (both starts, every update) reach KNEE_SHARE of ft_new."""
+    updates, tasks = _updates_tasks(cells)
+    budgets: dict[int, list[float]] = defaultdict(list)
+    ft_new = []
+    for update in updates:
+        for start in ((0.0, 0.0), (chosen["p_c"], chosen["p_i"])):
+            for steps, values in retune_curve(cells, update, chosen["targets"], *start).items():
+                budgets[steps] += values
+        ft_new += [v for t in tasks for v in cells.get((update, t, "ft_new", chosen["targets"], 0.0, 0.0), {}).values()]
+    if not budgets or not ft_new:
+        return None
+    goal = KNEE_SHARE * statistics.fmean(ft_new)
+    reached = [steps for steps, values in sorted(budgets.items()) if statistics.fmean(values) >= goal]
+    return reached[0] if reached else max(budgets)
+
+
+def summarize(rows: list[dict], config, chosen: dict) -> dict:
+    """The study's summary.json: the main table at the chosen setting, the grid, the re-tune curves."""
+    cells = _index(rows)
+    updates, tasks = _updates_tasks(cells)
+    t, pc, pi = chosen["targets"], chosen["p_c"], chosen["p_i"]
+    table = {}
+    for update in updates:
+        table[update] = {}
+        for task in tasks:
+            arm = lambda name, p=(0.0, 0.0): list(cells.get((update, task, name, t, *p), {}).values())  # noqa: E731
+            lead = [a - b for a, b in _paired(cells.get((update, task, "transpeft", t, pc, pi), {}),
+                                               cells.get((update, task, "direct", t, 0.0, 0.0), {}))]
+            table[update][task] = {
+                "ft_old": spread(arm("ft_old")), "direct": spread(arm("direct")),
+                "transpeft": spread(arm("transpeft", (pc, pi))), "transpeft_old": spread(arm("ft_old", (pc, pi))),
+                "ft_new": spread(arm("ft_new")), "lead": spread(lead),
+                "gap_closed": spread(gap_closed(cells, update, task, t, pc, pi)),
+            }
+    grid = {}
+    for update in updates:
+        grid[update] = {}
+        for targets, p_c, p_i in [(t_, 0.0, 0.0) for t_ in sorted({k[3] for k in cells})] + _settings(cells):
+            arm = "direct" if p_c == p_i == 0 else "transpeft"
+            new = [v for task in tasks for v in cells.get((update, task, arm, targets, p_c, p_i), {}).values()]
+            gaps = [g for task in tasks for g in gap_closed(cells, update, task, targets, p_c, p_i)] if arm != "direct" else []
+            grid[update][f"{targets} p_c={p_c} p_i={p_i}"] = {
+                "targets": targets, "p_c": p_c, "p_i": p_i, "transferred": spread(new)["mean"],
+                "gap_closed": spread(gaps)["mean"], "old_cost": spread(old_cost(cells, targets, p_c, p_i))["mean"]}
+    retune = {update: {label: {str(s): spread(v)["mean"] for s, v in retune_curve(cells, update, t, *start).items()}
+                       for label, start in (("direct", (0.0, 0.0)), ("transpeft", (pc, pi)))} for update in updates}
+    knee = retune_knee(cells, chosen)
+    return {"chosen": chosen, "defaults": {"target_modules": t, "p_c": pc, "p_i": pi, "retune_steps": knee},
+            "table": table, "grid": grid, "retune": retune, "retune_knee": knee,
+            "seeds": list(config.seeds), "updates": list(config.updates), "tasks": list(config.tasks),
+            "adapter": {"r": config.r, "alpha": config.alpha, "steps": config.steps, "batch_size": config.batch_size,
+                        "lr": config.lr, "multi_task": True}}
+
+
+# -- rendering -----------------------------------------------------------------------------------
+
+
+def _pm(cell: dict, scale: float = 100.0) -> str:
+    if cell["mean"] is None:
+        return "-"
+    return f"{scale * cell['mean']:.1f} ± {scale * cell['std']:.1f}"
+
+
+def main_table(summary: dict) -> str:
+    """Markdown: per task and update, every arm at the chosen setting, mean ± spread over seeds."""
+    c = summary["chosen"]
+    lines = [f"| update | task | FT old | direct | Trans-PEFT ({c['targets']}, p_c {c['p_c']}, p_i {c['p_i']}) "
+             "| FT new | gap closed | Trans-PEFT on old |", "|---|---|---|---|---|---|---|---|"]
+    for update, tasks in summary["table"].items():
+        for task, row in tasks.items():
+            gap = row["gap_closed"]
+            gap_text = "no gap" if gap["mean"] is None else f"{100 * gap['mean']:.0f} ± {100 * gap['std']:.0f} %"
+            lines.append(f"| {update} | {task} | {_pm(row['ft_old'])} | {_pm(row['direct'])} | {_pm(row['transpeft'])} "
+                         f"| {_pm(row['ft_new'])} | {gap_text} | {_pm(row['transpeft_old'])} |")
+    return "\n".join(lines)
+
+
+def grid_table(summary: dict) -> str:
+    """Markdown: every setting's mean transferred exact match and gap closed per update, and its old-base cost."""
+    updates = list(summary["grid"])
+    head = "| targets | p_c | p_i | " + " | ".join(f"{u}: transferred / gap closed" for u in updates) + " | old-base cost |"
+    lines = [head, "|---|---|---|" + "---|" * (len(updates) + 1)]
+    for key in summary["grid"][updates[0]]:
+        cells = [summary["grid"][u][key] for u in updates]
+        first = cells[0]
+        parts = []
+        for cell in cells:
+            gap = "-" if cell["gap_closed"] is None else f"{100 * cell['gap_closed']:.0f} %"
+            parts.append(f"{100 * cell['transferred']:.1f} / {gap}")
+        cost = "-" if first["p_c"] == first["p_i"] == 0 else f"{100 * first['old_cost']:.1f}"
+        lines.append(f"| {first['targets']} | {first['p_c']} | {first['p_i']} | " + " | ".join(parts) + f" | {cost} |")
+    return "\n".join(lines)
+
+
+def retune_table(summary: dict) -> str:
+    lines = ["| update | start | " + " | ".join(f"{s} steps" for s in _budgets(summary)) + " |",
+             "|---|---|" + "---|" * len(_budgets(summary))]
+    for update, starts in summary["retune"].items():
+        for start, curve in starts.items():
+            lines.append(f"| {update} | {start} | " + " | ".join(
+                "-" if curve.get(s) is None else f"{100 * curve[s]:.1f}" for s in _budgets(summary)) + " |")
+    return "\n".join(lines)
+
+
+def _budgets(summary: dict) -> list[str]:
+    return sorted({s for starts in summary["retune"].values() for c in starts.values() for s in c}, key=int)
+
+
+def report(summary: dict) -> str:
+    c, d = summary["chosen"], summary["defaults"]
+    return "\n".join([
+        "# Transfer study", "",
+        f"Seeds {summary['seeds']}; updates {', '.join(summary['updates'])}; one multi-task LoRA per setting and seed "
+        f"(r {summary['adapter']['r']}, {summary['adapter']['steps']} steps). Exact match in %, mean ± spread "
+        "(population standard deviation) over seeds.", "",
+        f"Chosen setting: {c['targets']}, p_c {c['p_c']}, p_i {c['p_i']}: {c['why']}.", "",
+        main_table(summary), "",
+        "## The grid", "", grid_table(summary), "",
+        f"## Re-tuning from the transferred weights (mean over tasks and seeds); knee: {d['retune_steps']} steps", "",
+        retune_table(summary), ""])
+
+
+def write_outputs(rows: list[dict], summary: dict, out: Path) -> list[Path]:
+    """results.json, summary.json, report.md and the plots under ``out``."""
+    from .study_plots import plot_gap_closed, plot_grid, plot_retune
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in (("results.json", json.dumps(rows, indent=1) + "\n"),
+                       ("summary.json", json.dumps(summary, indent=2) + "\n"),
+                       ("report.md", report(summary))):
+        (out / name).write_text(text, encoding="utf-8")
+        written.append(out / name)
+    written += [plot_gap_closed(summary, out / "gap_closed.png"), plot_grid(summary, out / "grid.png"),
+                plot_retune(summary, out / "retune.png")]
+    return written

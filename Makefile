@@ -1,10 +1,9 @@
 # Thin wrappers. `make demo` and `make test` install into .venv first (once; again when pyproject.toml changes).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-OUT ?= demo-out
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo demo-and-serve compare test bench up down status repro clean
+.PHONY: install demo demo-and-serve study test bench up down status repro clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,9 +23,9 @@ demo: install
 demo-and-serve: demo
 	tail -F .stack/logs/worker.log
 
-# The quick side-by-side table of plain vs Trans-PEFT adapters, no servers (transpeft demo).
-compare: install
-	$(VENV)/bin/transpeft demo --profile demo --out $(OUT)
+# The transfer study on the demo family (transpeft/study.py): about 40 min on 2 CPU cores, resumable.
+study: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro study
 
 test: install
 	$(PY) -m pytest
@@ -48,4 +47,4 @@ bench: install
 	$(PY) bench/bench_core.py
 
 clean:
-	rm -rf $(OUT) .pytest_cache
+	rm -rf demo-report .pytest_cache

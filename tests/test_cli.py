@@ -12,7 +12,7 @@ from transpeft.cli import build_parser
 
 COMMANDS = [["bases", "build-demo"], ["bases", "fingerprint"], ["bases", "register"], ["bases", "list"],
             ["adapters", "list"], ["data", "build-demo"], ["data", "validate"], ["train"], ["evaluate"],
-            ["transfer"], ["demo"], ["story"], ["stack"]]
+            ["transfer"], ["study"], ["story"], ["stack"]]
 
 
 def cli(*args, check=True):
@@ -103,16 +103,24 @@ def test_empty_dataset_is_refused(demo, tmp_path):
     assert done.returncode == 2 and "train.jsonl: no rows" in done.stderr
 
 
-def test_demo_prints_the_four_arms_per_task(tmp_path):
-    result = json.loads(cli("demo", "--profile", "test", "--out", tmp_path, "--json").stdout)
-    row = result["exact_match"]["reverse"]
-    for arm in ("Fine-tune on v1 (eval v1)", "Direct Transfer v1 -> v2", "Trans-PEFT v1 -> v2",
-                "Fine-tune on v2 (eval v2)"):
-        assert 0.0 <= row[arm] <= 1.0
-    assert len(result["exact_match"]) >= 4
-    assert any(c.startswith("transpeft train") and "--p-c 0.1" in c for c in result["commands"])
-    again = cli("demo", "--profile", "test", "--out", tmp_path, "--json")
-    assert json.loads(again.stdout)["exact_match"] == result["exact_match"]  # reused, not retrained
+@pytest.mark.parametrize("profile", ["test", "gpu"])
+def test_study_quick_builds_its_family_and_writes_every_output(profile, tmp_path):
+    """The study command on a self-built family; the GPU profile (27.5 M parameters) runs on the CPU with --quick."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    args = ["study", "--params", root / "params.yaml", "--profile", profile, "--quick", "--bases", tmp_path / "bases",
+            "--data", tmp_path / "data", "--out", tmp_path / "out", "--workdir", tmp_path / "work", "--workers", "1"]
+    result = json.loads(cli(*args, "--json").stdout)
+    family = json.loads((tmp_path / "bases" / "family.json").read_text())
+    assert family["profile"] == profile and family["quick"]
+    if profile == "gpu":
+        assert (family["settings"]["layers"], family["settings"]["hidden"]) == (8, 512)
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {r["arm"] for r in rows} >= {"ft_old", "direct", "transpeft", "ft_new"}
+    assert set(result["table"]) == {"v1->v2", "v1->v3"}
+    again = cli(*args)  # nothing rebuilt or retrained: the family and every job are reused
+    assert "building the" not in again.stdout and "jobs already done" in again.stdout
 
 
 def test_dockerfile_is_lint_clean_and_runs_the_readme_commands():

@@ -59,7 +59,11 @@ def project(tmp_path_factory, mlflow_server):
     shutil.copytree(ROOT / "transpeft", project / "transpeft", ignore=shutil.ignore_patterns("__pycache__"))
     set_params(project, **{"prepare.n_train": 48, "prepare.n_eval": 8, "bases.profile": "test",
                            "train.tasks": ["reverse", "add"], "train.schedule.steps": 2,
-                           "train.schedule.batch_size": 8, "tracking.uri": mlflow_server.url})
+                           "train.schedule.batch_size": 8, "tracking.uri": mlflow_server.url,
+                           "study.tasks": ["reverse", "add"], "study.seeds": [0, 1],
+                           "study.grid": [["qkvo", 0.0, 0.0], ["qkvo", 0.3, 0.0]],
+                           "study.targets": {"qkvo": ["q_proj", "v_proj"]}, "study.steps": 2,
+                           "study.batch_size": 8, "study.retune_steps": [2], "study.workers": 1})
     run(project, "git", "init", "-q")
     run(project, "dvc", "init", "-q")
     run(project, "dvc", "remote", "add", "-d", "local", str(tmp_path_factory.mktemp("remote")))
@@ -82,6 +86,22 @@ def test_repro_runs_every_stage_and_prints_the_transfer_table(project, first_rep
     assert header[-3:] == ["v1", "v2", "v3"]
     html = run(project, "dvc", "plots", "show", "-o", project / "plots").stdout
     assert "index.html" in html and "transfer_heatmap.png" in (project / "plots/index.html").read_text()
+
+
+def test_repro_runs_the_study_its_metrics_plots_and_mlflow_run(project, first_repro, mlflow_server):
+    assert "Running stage 'study'" in first_repro
+    rows = json.loads((project / "study/results.json").read_text())
+    assert {r["arm"] for r in rows} == {"ft_old", "direct", "transpeft", "ft_new", "retune@2"}
+    metrics = run(project, "dvc", "metrics", "show", "study/summary.json").stdout
+    assert "table.v1->v2.reverse.gap_closed.mean" in metrics or "gap_closed" in metrics
+    run(project, "dvc", "plots", "show", "-o", project / "study-plots")
+    page = (project / "study-plots/index.html").read_text()
+    assert all(name in page for name in ("gap_closed.png", "grid.png", "retune.png"))
+    client = MlflowClient(mlflow_server.url)
+    [study] = client.search_runs([client.get_experiment_by_name("study").experiment_id])
+    assert study.data.params["chosen.p_c"] == "0.3"
+    assert "transpeft.reverse.v1_to_v2" in study.data.metrics
+    assert {f.path for f in client.list_artifacts(study.info.run_id, "study")} >= {"study/results.json", "study/summary.json"}
 
 
 def test_second_repro_does_nothing_and_p_c_reruns_only_what_depends_on_it(project, first_repro):

@@ -9,14 +9,17 @@ import pytest
 
 from transpeft.demo.family import build_demo_family
 from transpeft.demo.tasks import build_demo_tasks
-from transpeft.study import QKVO, Inputs, StudyConfig, plan_grid, run_study
+from transpeft.study import Inputs, StudyConfig, plan_grid, run_study
 from transpeft.study_results import _index, choose, gap_closed, main_table, old_cost, retune_knee
 
 ROW_KEYS = {"task", "update", "arm", "p_c", "p_i", "targets", "seed", "exact_match"}
 
 
+GRID = (("qkvo", 0.0, 0.0), ("qkvo", 0.1, 0.0), ("qkvo", 0.2, 0.1), ("all-linear", 0.0, 0.0), ("all-linear", 0.1, 0.05))
+
+
 def config(**changes) -> StudyConfig:
-    return replace(StudyConfig(tasks=("reverse", "lookup"), updates=("v1->v2", "v1->v3")), **changes)
+    return replace(StudyConfig(tasks=("reverse", "lookup"), updates=("v1->v2", "v1->v3"), grid=GRID), **changes)
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -25,9 +28,10 @@ def config(**changes) -> StudyConfig:
     ({"updates": ()}, "updates is empty"),
     ({"tasks": ()}, "tasks is empty"),
     ({"seeds": (0, 0)}, "distinct"),
-    ({"p_c": (0.1, 0.2)}, "must include 0"),
-    ({"p_i": (0.0, 1.0)}, "in [0, 1)"),
-    ({"cells": "some"}, "full or axes"),
+    ({"grid": (("qkvo", 0.1, 0.0),)}, "needs [qkvo, 0, 0]"),
+    ({"grid": (("qkvo", 0.0, 0.0),)}, "no setting with p_c or p_i > 0"),
+    ({"grid": (("qkvo", 0.0, 0.0), ("qkvo", 0.0, 1.0))}, "must be in [0, 1)"),
+    ({"grid": (("attention", 0.0, 0.0), ("attention", 0.1, 0.0))}, "targets one of qkvo, all-linear"),
     ({"retune_steps": (0,)}, "positive"),
     ({"targets": {}}, "targets is empty"),
     ({"workers": 0}, "workers"),
@@ -38,16 +42,12 @@ def test_bad_settings_are_refused_with_what_to_fix(changes, message):
         config(**changes)
 
 
-def test_full_grid_crosses_every_axis_and_axes_varies_one_at_a_time():
-    full = config()
-    assert len(full.settings()) == 2 * 4 * 3
-    axes = config(cells="axes")
-    assert sorted((pc, pi) for t, pc, pi in axes.settings() if t == "qkvo") == sorted(
-        [(0.0, 0.0), (0.1, 0.0), (0.2, 0.0), (0.3, 0.0), (0.0, 0.05), (0.0, 0.1)])
-    jobs = plan_grid(full)
+def test_plan_trains_every_cell_seed_and_task_once_on_the_old_base_and_fine_tunes_on_each_new_one():
+    jobs = plan_grid(config())
     trains = [j for j in jobs if j.kind == "train"]
-    assert len(trains) == 24 * 3 and all(j.base == "v1" and j.score_on == ("v2", "v3") for j in trains)
-    assert len([j for j in jobs if j.kind == "ft_new"]) == 2 * 2 * 3  # new bases x targets x seeds
+    assert len(trains) == 5 * 3 * 2 and all(j.base == "v1" and j.score_on == ("v2", "v3") for j in trains)
+    assert len({(j.task, j.targets, j.p_c, j.p_i, j.seed) for j in trains}) == len(trains)
+    assert len([j for j in jobs if j.kind == "ft_new"]) == 2 * 2 * 3 * 2  # new bases x targets x seeds x tasks
 
 
 def _rows(values: dict[tuple, list[float]]) -> list[dict]:
@@ -100,7 +100,7 @@ def _inputs(root, workdir="work") -> Inputs:
 
 
 def test_quick_study_writes_every_row_and_output_then_resumes_without_retraining(family):
-    quick = replace(config(targets={"qkvo": QKVO}).quick(), workers=1)
+    quick = replace(config().quick(), workers=1)
     lines = []
     summary = run_study(quick, _inputs(family), family / "out", say=lines.append)
     rows = json.loads((family / "out" / "results.json").read_text())
@@ -122,7 +122,7 @@ def test_quick_study_writes_every_row_and_output_then_resumes_without_retraining
 
 
 def test_two_worker_processes_give_the_rows_one_process_gives(family):
-    quick = config(targets={"qkvo": QKVO}, tasks=("reverse",), updates=("v1->v2",)).quick()
+    quick = config(tasks=("reverse",), updates=("v1->v2",)).quick()
     one = run_study(replace(quick, workers=1), _inputs(family, "w1"), family / "one", say=lambda _: None)
     two = run_study(replace(quick, workers=2), _inputs(family, "w2"), family / "two", say=lambda _: None)
     assert one["table"] == two["table"]

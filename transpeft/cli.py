@@ -5,7 +5,7 @@
     transpeft train --base demo/bases/v1 --data demo/data --p-c 0.1 --out adapters/tp-v1
     transpeft evaluate --base demo/bases/v1 --data demo/data adapters/tp-v1
     transpeft transfer adapters/tp-v1 --from demo/bases/v1 --to demo/bases/v2 --data demo/data
-    transpeft demo --profile demo --out demo
+    transpeft study --quick --out /tmp/study
 """
 
 from __future__ import annotations
@@ -298,14 +298,6 @@ def cmd_story(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    from .demo.compare import format_table, run_comparison
-
-    result = run_comparison(Path(args.out), profile=args.profile, progress=not args.json)
-    _emit(args, result, format_table(result))
-    return 0
-
-
 def cmd_study(args) -> int:
     from dataclasses import replace
 
@@ -319,8 +311,11 @@ def cmd_study(args) -> int:
     if config is None:
         print(f"error: {args.params} has no study key", file=sys.stderr)
         return EXIT_ERROR
+    def say(line: str) -> None:  # progress; on stderr when stdout carries the JSON result
+        print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
+
     if args.profile:  # a self-built family of that size, built here unless already there
-        ensure_demo_family(Path(args.bases), args.profile, quick=args.quick, say=print)
+        ensure_demo_family(Path(args.bases), args.profile, quick=args.quick, say=say)
         profile = PROFILES[args.profile].quick() if args.quick else PROFILES[args.profile]
         ensure_demo_tasks(Path(args.data), profile.n_train, profile.n_eval)
     overrides = {k: v for k, v in (("seeds", args.seeds), ("workers", args.workers), ("steps", args.steps)) if v}
@@ -330,7 +325,7 @@ def cmd_study(args) -> int:
     inputs = Inputs(bases={v: str(Path(args.bases) / v) for v in versions}, family=params.bases.family,
                     data=args.data, workdir=args.workdir,
                     device=args.device, dtype=args.dtype)
-    summary = run_study(config, inputs, Path(args.out), say=lambda line: print(line, flush=True))
+    summary = run_study(config, inputs, Path(args.out), say=say)
     from .study_results import main_table
 
     text = main_table(summary) + f"\n\nre-tune knee: {summary['retune_knee']} steps; wrote {args.out}/"
@@ -366,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="transpeft", description="Train, transfer and evaluate PEFT adapters across base model updates (Trans-PEFT).",
-                                     epilog=_examples("transpeft demo --profile demo --out demo"),
+                                     epilog=_examples("transpeft story --report demo-report"),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -473,13 +468,6 @@ def build_parser() -> argparse.ArgumentParser:
                 "transpeft story --report demo-report")
     p.add_argument("--report", default="demo-report", help="where to write report.html, report.md and images")
     p.set_defaults(func=cmd_story)
-    p = _parser("demo", sub, "build the demo family and tasks, then compare plain and Trans-PEFT adapters across "
-                             "the v1 -> v2 update", "transpeft demo --profile demo --out demo")
-    p.add_argument("--profile", choices=("test", "demo"), default="demo")
-    p.add_argument("--out", default="demo", help="working directory (reused when run again)")
-    _add_json(p)
-    p.set_defaults(func=cmd_demo)
-
     p = _parser("study", sub, "the transfer study: plain vs Trans-PEFT adapters over a grid of settings, seeds and "
                               "base updates, with re-tune curves; raw rows, summary, report and plots",
                 "transpeft study                                   # params.yaml's study (= dvc repro study)",

@@ -167,6 +167,8 @@ def _study(raw: dict, bases: Bases) -> StudyConfig:
     targets = raw.get("targets")
     if isinstance(targets, dict):  # name -> module list, or null for all linear layers
         raw = {**raw, "targets": {k: tuple(v) if v else None for k, v in targets.items()}}
+    if isinstance(raw.get("grid"), list):
+        raw = {**raw, "grid": tuple(tuple(cell) if isinstance(cell, list) else cell for cell in raw["grid"])}
     study = _build(StudyConfig, raw, "study")
     unknown = sorted({v for pair in study.pairs for v in pair} - set(bases.versions))
     if unknown:

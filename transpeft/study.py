@@ -3,9 +3,9 @@
     transpeft study                  # params.yaml's study on pipeline/bases and pipeline/data (= dvc repro study)
     transpeft study --quick          # a smoke run: two settings, two seeds, a few steps
 
-For every setting of the grid (LoRA targets x p_c x p_i) and every seed, one adapter is trained on the
-old base of each update, on all the study's tasks at once, and scored per task on the old base and, as
-it is, on the new one. Per task, update and seed the rows hold these arms:
+For every setting of the grid (LoRA targets, p_c, p_i), every seed and every task, one adapter is
+trained on the old base of each update, as the fleet trains them (one adapter per task), and scored on
+the old base and, as it is, on the new one. Per task, update and seed the rows hold these arms:
 
     ft_old      the adapter on the base it was trained on
     direct      the plain adapter (p_c = p_i = 0) on the new base, as it is
@@ -48,12 +48,10 @@ class StudyConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     targets: dict[str, tuple[str, ...] | None] = field(
         default_factory=lambda: {"qkvo": QKVO, "all-linear": None})  # name -> LoRA target modules (None: all linear)
-    p_c: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3)
-    p_i: tuple[float, ...] = (0.0, 0.05, 0.1)
-    cells: str = "full"  # full: every targets x p_c x p_i; axes: p_c with p_i = 0, and p_i with p_c = 0
+    grid: tuple[tuple[str, float, float], ...] = (("qkvo", 0.0, 0.0), ("qkvo", 0.1, 0.0))  # (targets, p_c, p_i)
     r: int = 16
     alpha: float = 16.0
-    steps: int = 600
+    steps: int = 300
     batch_size: int = 32
     lr: float = 3e-3
     warmup: float = 0.06
@@ -74,14 +72,19 @@ class StudyConfig:
             raise ValueError(f"study.seeds must be distinct and non-empty, got {self.seeds}")
         if not self.targets:
             raise ValueError("study.targets is empty; e.g. {qkvo: [q_proj, k_proj, v_proj, o_proj], all-linear: null}")
-        for name in ("p_c", "p_i"):
-            values = getattr(self, name)
-            if 0.0 not in values:
-                raise ValueError(f"study.{name} must include 0: the direct-transfer arm is the plain adapter")
-            if not all(0.0 <= v < 1.0 for v in values):
-                raise ValueError(f"study.{name} values must be in [0, 1), got {values}")
-        if self.cells not in ("full", "axes"):
-            raise ValueError(f"study.cells must be full or axes, got {self.cells!r}")
+        for cell in self.grid:
+            if len(cell) != 3 or cell[0] not in self.targets:
+                raise ValueError(f"study.grid: {cell} is not [targets, p_c, p_i] with targets one of "
+                                 f"{', '.join(self.targets)}")
+            if not all(0.0 <= p < 1.0 for p in cell[1:]):
+                raise ValueError(f"study.grid: {cell}: p_c and p_i must be in [0, 1)")
+        used = {cell[0] for cell in self.grid}
+        plain = {cell[0] for cell in self.grid if cell[1] == cell[2] == 0}
+        if used - plain:
+            raise ValueError(f"study.grid needs [{sorted(used - plain)[0]}, 0, 0]: the direct-transfer arm of those "
+                             "targets is the plain adapter")
+        if len(set(self.grid)) == len(plain):
+            raise ValueError("study.grid has no setting with p_c or p_i > 0 to compare with direct transfer")
         if not self.retune_steps or min(self.retune_steps) < 1:
             raise ValueError(f"study.retune_steps must be positive step budgets, got {self.retune_steps}")
         if self.workers < 1:
@@ -94,17 +97,15 @@ class StudyConfig:
         return [tuple(u.split("->")) for u in self.updates]
 
     def settings(self) -> list[tuple[str, float, float]]:
-        """(targets, p_c, p_i) cells: the plain adapter plus every regularised one of the grid."""
-        if self.cells == "full":
-            grid = [(pc, pi) for pc in self.p_c for pi in self.p_i]
-        else:
-            grid = [(pc, 0.0) for pc in self.p_c] + [(0.0, pi) for pi in self.p_i if pi]
-        return [(t, pc, pi) for t in self.targets for pc, pi in grid]
+        """The grid's (targets, p_c, p_i) cells, each once, in order."""
+        return list(dict.fromkeys((t, float(pc), float(pi)) for t, pc, pi in self.grid))
 
     def quick(self) -> StudyConfig:
         """Two settings, two seeds, a few steps: checks the whole path in a minute, measures nothing."""
-        return replace(self, seeds=self.seeds[:2], targets=dict(list(self.targets.items())[:1]),
-                       p_c=(0.0, max(self.p_c)), p_i=(0.0,), steps=4, retune_steps=(2,), batch_size=8)
+        targets = self.grid[0][0]
+        strongest = max((c for c in self.grid if c[0] == targets), key=lambda c: c[1] + c[2])
+        return replace(self, seeds=self.seeds[:2], targets={targets: self.targets[targets]},
+                       grid=((targets, 0.0, 0.0), strongest), steps=4, retune_steps=(2,), batch_size=8)
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ class Job:
     """One training and its scoring, run in a worker process."""
 
     kind: str  # train (grid cell on an old base), ft_new (plain on a new base), retune
+    task: str  # the one task it trains on, as the fleet's adapters do
     base: str  # the version it trains on
     targets: str
     p_c: float
@@ -123,7 +125,7 @@ class Job:
 
     def describe(self) -> str:
         what = {"train": "train", "ft_new": "fine-tune on new", "retune": f"re-tune {self.steps} steps"}[self.kind]
-        return f"{what} on {self.base}, {self.targets}, p_c {self.p_c}, p_i {self.p_i}, seed {self.seed}"
+        return f"{what} {self.task} on {self.base}, {self.targets}, p_c {self.p_c}, p_i {self.p_i}, seed {self.seed}"
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,7 @@ def _sha256_file(path: Path) -> str:
 
 def job_id(job: Job, config: StudyConfig, identity: dict) -> str:
     """Stable id of a job: what it runs, on which weights and data; a changed input gives a new id."""
-    recipe = {k: v for k, v in asdict(config).items() if k in ("tasks", "r", "alpha", "batch_size", "lr", "warmup")}
+    recipe = {k: v for k, v in asdict(config).items() if k in ("r", "alpha", "batch_size", "lr", "warmup")}
     if job.kind != "retune":
         recipe["steps"] = config.steps
     blob = json.dumps({"job": asdict(job), "recipe": recipe, "targets": config.targets.get(job.targets),
@@ -182,12 +184,13 @@ def _base(version: str):
     return _STATE["bases"][version]
 
 
-def _tasks(names: tuple[str, ...]):
-    from .data import load_tasks
+def _task(name: str):
+    from .data import load_task
 
-    if "tasks" not in _STATE:
-        _STATE["tasks"] = load_tasks(_STATE["inputs"].data, list(names))
-    return _STATE["tasks"]
+    tasks = _STATE.setdefault("tasks", {})
+    if name not in tasks:
+        tasks[name] = load_task(Path(_STATE["inputs"].data) / name)
+    return tasks[name]
 
 
 def run_job(job: Job, key: str, config: StudyConfig) -> list[dict]:
@@ -196,7 +199,7 @@ def run_job(job: Job, key: str, config: StudyConfig) -> list[dict]:
     from .transfer import transfer_fleet, unload_adapter
 
     inputs: Inputs = _STATE["inputs"]
-    tasks = _tasks(config.tasks)
+    tasks = [_task(job.task)]
     method = MethodConfig(r=config.r, alpha=config.alpha, target_modules=config.targets[job.targets])
     train = TrainConfig(steps=job.steps, batch_size=config.batch_size, lr=config.lr, warmup=config.warmup,
                         p_c=job.p_c, p_i=job.p_i, seed=job.seed)
@@ -235,10 +238,13 @@ def plan_grid(config: StudyConfig) -> list[Job]:
     news_of: dict[str, list[str]] = {}
     for old, new in config.pairs:
         news_of.setdefault(old, []).append(new)
-    jobs = [Job("train", old, t, pc, pi, seed, config.steps, tuple(news))
-            for old, news in news_of.items() for t, pc, pi in config.settings() for seed in config.seeds]
-    jobs += [Job("ft_new", new, t, 0.0, 0.0, seed, config.steps)
-             for new in dict.fromkeys(n for _, n in config.pairs) for t in config.targets for seed in config.seeds]
+    used = list(dict.fromkeys(t for t, _, _ in config.settings()))
+    jobs = [Job("train", task, old, t, pc, pi, seed, config.steps, tuple(news))
+            for old, news in news_of.items() for t, pc, pi in config.settings() for seed in config.seeds
+            for task in config.tasks]
+    jobs += [Job("ft_new", task, new, t, 0.0, 0.0, seed, config.steps)
+             for new in dict.fromkeys(n for _, n in config.pairs) for t in used for seed in config.seeds
+             for task in config.tasks]
     return jobs
 
 
@@ -249,10 +255,11 @@ def plan_retune(config: StudyConfig, chosen: dict, keys: dict[Job, str]) -> list
     for old, new in config.pairs:
         for t, pc, pi in starts:
             for seed in config.seeds:
-                trained = next(j for j in keys if j.kind == "train" and (j.base, j.targets, j.p_c, j.p_i, j.seed)
-                               == (old, t, pc, pi, seed))
-                jobs += [Job("retune", new, t, pc, pi, seed, n, (f"{old}->{new}",), start=keys[trained])
-                         for n in config.retune_steps]
+                for task in config.tasks:
+                    trained = next(j for j in keys if j.kind == "train" and (j.task, j.base, j.targets, j.p_c, j.p_i,
+                                                                             j.seed) == (task, old, t, pc, pi, seed))
+                    jobs += [Job("retune", task, new, t, pc, pi, seed, n, (f"{old}->{new}",), start=keys[trained])
+                             for n in config.retune_steps]
     return jobs
 
 
@@ -333,8 +340,8 @@ def run_study(config: StudyConfig, inputs: Inputs, out: Path, say: Callable[[str
     keys: dict[Job, str] = {}
     started = time.perf_counter()
     grid = plan_grid(config)
-    say(f"study: {len(config.settings())} settings x {len(config.seeds)} seeds on {', '.join(config.updates)}: "
-        f"{len(grid)} trainings, then the re-tune curves")
+    say(f"study: {len(config.settings())} settings x {len(config.seeds)} seeds x {len(config.tasks)} tasks on "
+        f"{', '.join(config.updates)}: {len(grid)} trainings, then the re-tune curves")
     rows = _execute(grid, config, inputs, identity, say, keys)
     chosen = choose(rows, config.max_old_cost)
     say(f"  chosen: {chosen['targets']}, p_c {chosen['p_c']}, p_i {chosen['p_i']} ({chosen['why']})")

@@ -164,7 +164,7 @@ def summarize(rows: list[dict], config, chosen: dict) -> dict:
             "table": table, "grid": grid, "retune": retune, "retune_knee": knee,
             "seeds": list(config.seeds), "updates": list(config.updates), "tasks": list(config.tasks),
             "adapter": {"r": config.r, "alpha": config.alpha, "steps": config.steps, "batch_size": config.batch_size,
-                        "lr": config.lr, "multi_task": True}}
+                        "lr": config.lr}}
 
 
 # -- rendering -----------------------------------------------------------------------------------
@@ -225,9 +225,9 @@ def report(summary: dict) -> str:
     c, d = summary["chosen"], summary["defaults"]
     return "\n".join([
         "# Transfer study", "",
-        f"Seeds {summary['seeds']}; updates {', '.join(summary['updates'])}; one multi-task LoRA per setting and seed "
-        f"(r {summary['adapter']['r']}, {summary['adapter']['steps']} steps). Exact match in %, mean ± spread "
-        "(population standard deviation) over seeds.", "",
+        f"Seeds {summary['seeds']}; updates {', '.join(summary['updates'])}; one LoRA per task, setting and seed "
+        f"(r {summary['adapter']['r']}, {summary['adapter']['steps']} steps), as the fleet trains them. Exact match "
+        "in %, mean ± spread (population standard deviation) over seeds.", "",
         f"Chosen setting: {c['targets']}, p_c {c['p_c']}, p_i {c['p_i']}: {c['why']}.", "",
         main_table(summary), "",
         "## The grid", "", grid_table(summary), "",

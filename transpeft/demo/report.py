@@ -24,7 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ..adapters import read_manifest  # noqa: E402
 from ..bases import BaseRef, load_base  # noqa: E402
 from ..data import load_tasks  # noqa: E402
-from ..drift import layer_drift  # noqa: E402
+from ..drift import activation_similarity, layer_drift  # noqa: E402
+from .family import task_inputs  # noqa: E402
 from ..stages import ADAPTERS, BASES  # noqa: E402
 from ..tracking import ADAPTER_PREFIX, Registry  # noqa: E402
 from ..transfer import transfer_fleet  # noqa: E402
@@ -82,10 +83,13 @@ def collect(uri: str, tasks: list[str], data_dir: Path, retune_steps: int) -> di
                                       "status": record.status, "served": record.serving,
                                       "exact match": record.metrics.get(task), "why": tags.get("gate", "")})
 
-    drift = {}
+    drift, similarity = {}, {}
     models = {v: load_base(BaseRef(str(BASES / v), family=FAMILY, version=v))[0] for v in versions}
+    tokenizer = load_base(BaseRef(str(BASES / old), family=FAMILY, version=old))[1]
+    probe = task_inputs()
     for a, b in zip(versions, versions[1:]):
         drift[f"{a} -> {b}"] = layer_drift(models[a], models[b])
+        similarity[f"{a} -> {b}"] = activation_similarity(models[a], models[b], tokenizer, probe)
 
     compute = []
     for version in new_versions:
@@ -106,7 +110,7 @@ def collect(uri: str, tasks: list[str], data_dir: Path, retune_steps: int) -> di
                         "revalidation s": round(evaluate + retune, 1),
                         "re-train s": round(sum(float(p["seconds"]) for p in fleet), 1)})
     return {"versions": versions, "tasks": tasks, "arms": arms, "decisions": decisions, "drift": drift,
-            "compute": compute}
+            "similarity": similarity, "compute": compute}
 
 
 # -- rendering ----------------------------------------------------------------------------------
@@ -153,6 +157,24 @@ def _drift_chart(drift: dict, out: Path) -> Path:
     return path
 
 
+def _similarity_chart(similarity: dict, out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 3))
+    for update, rows in similarity.items():
+        layers = [r["layer"] for r in rows]
+        ax.plot(layers, [r["attention"] for r in rows], marker="o", label=f"{update} attention")
+        ax.plot(layers, [r["ffn"] for r in rows], marker="s", linestyle="--", label=f"{update} FFN")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("cosine similarity")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7)
+    ax.set_title("Sub-layer outputs, old vs new version, on task inputs")
+    fig.tight_layout()
+    path = out / "similarity.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _table(header: list[str], rows: list[list]) -> tuple[str, str]:
     """The same table as Markdown and as HTML."""
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -194,6 +216,12 @@ def render(data: dict, out: Path, timings: dict | None = None) -> tuple[Path, Pa
     section("Weight drift between consecutive versions", "Relative Frobenius drift of each decoder layer's attention "
             "and FFN weights.", _table(["update", "layer", "attention", "FFN"], drift_rows),
             _drift_chart(data["drift"], out))
+    sim_rows = [[update, r["layer"], r["attention"], r["ffn"]] for update, rows in data["similarity"].items() for r in rows]
+    section("Attention vs FFN output similarity between versions",
+            "Cosine similarity of each decoder layer's attention output and FFN output, old version against new, "
+            "on the demo tasks' inputs (1.0: unchanged). Real updates by continual pretraining keep attention "
+            "outputs alike and move the FFNs; the mild update is built to, the strong one moves both.",
+            _table(["update", "layer", "attention", "FFN"], sim_rows), _similarity_chart(data["similarity"], out))
     keys = ["update", "adapters", "re-tuned", "revalidation steps", "re-train steps", "saving (steps)",
             "revalidation s", "re-train s"]
     section("Compute: revalidation vs re-training every adapter",

@@ -1,6 +1,6 @@
 """The product's whole story on the demo family, in one command (`make demo`).
 
-    transpeft demo story            # from the project root; run it again and it reuses what is built
+    transpeft story                 # from the project root; run it again and it reuses what is built
 
   data       dvc repro prepare, dvc push: the four task datasets, validated and versioned
   bases      dvc repro bases: v1 pretrained, v2 and v3 continually pretrained (about 3.5 min)

@@ -16,6 +16,7 @@ from peft import IA3Config, LoraConfig, PeftModel, get_peft_model, get_peft_mode
 from torch import nn
 
 from . import bottleneck
+from .defaults import ALL_LINEAR
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,8 @@ class MethodConfig:
     dropout: float = field(default=0.0, metadata={"help": "dropout inside the adapter"})
     target_modules: tuple[str, ...] | None = field(
         default=None,
-        metadata={"help": "LoRA/DoRA/IA3: module names (default: all linear layers); "
+        metadata={"help": "LoRA/DoRA: module names, or all-linear (default: the attention projections, q,k,v,o "
+                          "on Llama, as the transfer study chose); IA3: module names (default: peft's); "
                           "bottleneck: sub-layers 'attention' and/or 'ffn' (default: both)"},
     )
     variant: str = field(default="serial", metadata={"help": "bottleneck only: serial or parallel"})
@@ -51,9 +53,32 @@ class Method:
     adapter_state: Callable[[nn.Module], dict[str, torch.Tensor]]  # keyed as in the weights file
 
 
-def _peft_method(make_config: Callable[[MethodConfig], object]) -> Method:
+def attention_projections(model: nn.Module) -> list[str] | str:
+    """The linear layers of the decoder layers' attention sub-layers, found by structure: q_proj, k_proj,
+    v_proj, o_proj on Llama; c_attn, c_proj on GPT-2. Short names where they match nothing outside
+    attention, else full names; all-linear for a model without such layers."""
+    from .regularisers import NoFFNFound, find_attention_slot, find_ffn_sites, linear_shape
+
+    try:
+        sites = find_ffn_sites(model)
+    except NoFFNFound:
+        return ALL_LINEAR
+    names = {id(m): n for n, m in model.named_modules()}
+    inside = []
+    for site in sites:
+        attention = getattr(site.layer, find_attention_slot(site.layer))
+        inside += [f"{names[id(attention)]}.{n}" for n, m in attention.named_modules()
+                   if n and "." not in n and linear_shape(m) is not None]
+    if not inside:
+        return ALL_LINEAR
+    short = sorted({n.rsplit(".", 1)[1] for n in inside})
+    everywhere = {n for n, m in model.named_modules() if linear_shape(m) is not None and n.rsplit(".", 1)[-1] in short}
+    return short if everywhere == set(inside) else inside
+
+
+def _peft_method(make_config: Callable[[MethodConfig, nn.Module], object]) -> Method:
     return Method(
-        attach=lambda model, cfg: get_peft_model(model, make_config(cfg)),
+        attach=lambda model, cfg: get_peft_model(model, make_config(cfg, model)),
         save=lambda model, directory: model.save_pretrained(str(directory)),
         load=lambda model, directory, trainable=False: PeftModel.from_pretrained(model, str(directory),
                                                                                   is_trainable=trainable),
@@ -62,15 +87,16 @@ def _peft_method(make_config: Callable[[MethodConfig], object]) -> Method:
     )
 
 
-def _lora(cfg: MethodConfig, use_dora: bool = False) -> LoraConfig:
-    return LoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_dora=use_dora,
-        target_modules=list(cfg.target_modules) if cfg.target_modules else "all-linear",
-        task_type="CAUSAL_LM",
-    )
+def _lora(cfg: MethodConfig, model: nn.Module, use_dora: bool = False) -> LoraConfig:
+    if cfg.target_modules is None:
+        targets = attention_projections(model)
+    else:
+        targets = ALL_LINEAR if cfg.target_modules == (ALL_LINEAR,) else list(cfg.target_modules)
+    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_dora=use_dora,
+                      target_modules=targets, task_type="CAUSAL_LM")
 
 
-def _ia3(cfg: MethodConfig) -> IA3Config:
+def _ia3(cfg: MethodConfig, model: nn.Module) -> IA3Config:
     targets = list(cfg.target_modules) if cfg.target_modules else None  # peft's per-architecture default
     return IA3Config(target_modules=targets, feedforward_modules=[] if targets else None, task_type="CAUSAL_LM")
 
@@ -84,7 +110,7 @@ def _bottleneck_config(cfg: MethodConfig) -> bottleneck.BottleneckConfig:
 
 METHODS: dict[str, Method] = {
     "lora": _peft_method(_lora),
-    "dora": _peft_method(lambda cfg: _lora(cfg, use_dora=True)),
+    "dora": _peft_method(lambda cfg, model: _lora(cfg, model, use_dora=True)),
     "ia3": _peft_method(_ia3),
     "bottleneck": Method(
         attach=lambda model, cfg: bottleneck.attach(model, _bottleneck_config(cfg)),

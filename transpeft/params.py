@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from . import defaults
 from .methods import MethodConfig
 from .study import StudyConfig
 from .train import TrainConfig
@@ -68,9 +69,9 @@ class Gate:
     min_score: float  # absolute exact match on the new base
     beat_zero_shot: bool  # must beat the new base without any adapter
     on_fail: str  # retune or flag
-    retune_steps: int
-    retune_p_c: float = 0.1  # re-tuning is Trans-PEFT again, so the adapter stays transferable
-    retune_p_i: float = 0.0
+    retune_steps: int = defaults.RETUNE_STEPS
+    retune_p_c: float = defaults.P_C  # re-tuning is Trans-PEFT again, so the adapter stays transferable
+    retune_p_i: float = defaults.P_I
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from accelerate import Accelerator, PartialState
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from . import defaults
 from .adapters import Manifest, adapted_targets, library_versions, save_adapter
 from .bases import BaseInfo
 from .batching import collate, encode, special_ids
@@ -42,8 +43,10 @@ class TrainConfig:
     warmup: float = field(default=0.06, metadata={"help": "fraction of steps spent warming up, then cosine decay"})
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    p_i: float = field(default=0.0, metadata={"help": "Trans-PEFT knowledge masking probability, in [0, 1)"})
-    p_c: float = field(default=0.0, metadata={"help": "Trans-PEFT knowledge dropping probability, in [0, 1)"})
+    p_i: float = field(default=defaults.P_I, metadata={"help": "Trans-PEFT knowledge masking probability, in [0, 1) "
+                                                                 "(default: the transfer study's choice)"})
+    p_c: float = field(default=defaults.P_C, metadata={"help": "Trans-PEFT knowledge dropping probability, in [0, 1) "
+                                                                 "(default: the transfer study's choice)"})
     seed: int = 0
     precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16"})
 

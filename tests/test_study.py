@@ -9,7 +9,7 @@ import pytest
 
 from transpeft.demo.family import build_demo_family
 from transpeft.demo.tasks import build_demo_tasks
-from transpeft.study import Inputs, StudyConfig, plan_grid, run_study
+from transpeft.study import Inputs, StudyConfig, plan_grid, render, run_study
 from transpeft.study_results import _index, choose, gap_closed, main_table, old_cost, retune_knee
 
 ROW_KEYS = {"task", "update", "arm", "p_c", "p_i", "targets", "seed", "exact_match"}
@@ -120,6 +120,9 @@ def test_quick_study_writes_every_row_and_output_then_resumes_without_retraining
     assert not any("] train on" in line for line in again)  # nothing retrained
     assert json.loads((family / "out2" / "results.json").read_text()) == rows
 
+    (family / "out2" / "summary.json").unlink()  # every number of the summary comes from the raw rows alone
+    assert render(rows, quick, family / "out2")["table"] == summary["table"]
+
 
 def test_two_worker_processes_give_the_rows_one_process_gives(family):
     quick = config(tasks=("reverse",), updates=("v1->v2",)).quick()
@@ -132,3 +135,58 @@ def test_a_version_without_a_base_directory_is_refused(family):
     inputs = replace(_inputs(family), bases={"v1": str(family / "bases" / "v1")})
     with pytest.raises(ValueError, match="no model directory: v2"):
         run_study(config(updates=("v1->v2",)).quick(), inputs, family / "never")
+
+
+def test_pooled_gap_closed_weighs_tasks_by_their_gap():
+    from transpeft.study_results import pooled_gap_closed
+
+    rows = KNOWN + _rows({("v1->v2", "sort", "direct", 0.0): [0.99, 0.99], ("v1->v2", "sort", "transpeft", 0.1): [0.9, 0.9],
+                          ("v1->v2", "sort", "ft_new", 0.0): [1.0, 1.0]})
+    # reverse gains 0.32 of a 1.1 gap; sort loses 0.18 of a 0.02 gap: the mean of shares would be -4.1
+    assert pooled_gap_closed(_index(rows), "v1->v2", ["reverse", "sort"], "qkvo", 0.1, 0.0) == pytest.approx(
+        (0.40 + 0.24 - 0.18) / (0.5 + 0.6 + 0.02), abs=1e-4)
+
+
+def test_defaults_of_params_library_and_cli_are_the_committed_studys_choice():
+    """params.yaml, TrainConfig/Gate defaults and the default LoRA targets all come from study/summary.json."""
+    from pathlib import Path
+
+    import yaml
+
+    from transpeft import defaults
+    from transpeft.methods import attention_projections
+    from transpeft.params import Gate, load_params
+    from transpeft.train import TrainConfig
+    from conftest import tiny_model
+
+    root = Path(__file__).resolve().parents[1]
+    chosen = json.loads((root / "study/summary.json").read_text())["defaults"]
+    assert (defaults.P_C, defaults.P_I, defaults.RETUNE_STEPS) == (chosen["p_c"], chosen["p_i"], chosen["retune_steps"])
+    assert (TrainConfig().p_c, TrainConfig().p_i) == (chosen["p_c"], chosen["p_i"])
+    gate = Gate(min_retention=0.8, min_score=0.5, beat_zero_shot=True, on_fail="retune")
+    assert (gate.retune_steps, gate.retune_p_c, gate.retune_p_i) == (chosen["retune_steps"], chosen["p_c"], chosen["p_i"])
+
+    params = load_params(root / "params.yaml")
+    assert params.gate.retune_steps == chosen["retune_steps"]
+    assert (params.gate.retune_p_c, params.gate.retune_p_i) == (chosen["p_c"], chosen["p_i"])
+    run = params.train.runs["transpeft-v1"]
+    assert (run.p_c, run.p_i) == (chosen["p_c"], chosen["p_i"])
+    chosen_targets = params.study.targets[chosen["target_modules"]]
+    assert params.train.method.target_modules is None  # None: the attention projections...
+    assert attention_projections(tiny_model("llama")) == sorted(chosen_targets)  # ...which are the chosen ones
+    assert yaml.safe_load((root / "params.yaml").read_text())["train"]["method"]["target_modules"] is None
+
+
+def test_readme_tables_are_the_committed_studys_numbers():
+    from pathlib import Path
+
+    from transpeft.study_results import grid_table
+
+    root = Path(__file__).resolve().parents[1]
+    summary = json.loads((root / "study/summary.json").read_text())
+    readme = (root / "README.md").read_text()
+    assert main_table(summary) in readme
+    assert grid_table(summary) in readme
+    rows = json.loads((root / "study/results.json").read_text())
+    assert len({r["seed"] for r in rows}) >= 3 and len({r["update"] for r in rows}) >= 2
+    assert all(set(r) == ROW_KEYS for r in rows)

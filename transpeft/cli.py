@@ -321,6 +321,16 @@ def cmd_study(args) -> int:
     overrides = {k: v for k, v in (("seeds", args.seeds), ("workers", args.workers), ("steps", args.steps)) if v}
     config = replace(config, **overrides)
     config = config.quick() if args.quick else config
+    if args.render:
+        from .study import render
+
+        results = Path(args.out) / "results.json"
+        if not results.is_file():
+            print(f"error: --render needs {results}; run the study first", file=sys.stderr)
+            return EXIT_ERROR
+        summary = render(json.loads(results.read_text()), config, Path(args.out))
+        _emit(args, summary, f"re-rendered {args.out}/ from {results}")
+        return 0
     versions = sorted({v for pair in config.pairs for v in pair})
     inputs = Inputs(bases={v: str(Path(args.bases) / v) for v in versions}, family=params.bases.family,
                     data=args.data, workdir=args.workdir,
@@ -482,6 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", choices=("test", "demo", "gpu"),
                    help="build that demo family into --bases and its tasks into --data first, unless already there")
     p.add_argument("--quick", action="store_true", help="two settings, two seeds, a few steps: a smoke run")
+    p.add_argument("--render", action="store_true",
+                   help="train nothing: rebuild summary.json, report.md and the plots from OUT/results.json")
     p.add_argument("--seeds", type=lambda s: tuple(int(x) for x in s.split(",")), help="comma-separated seeds")
     p.add_argument("--steps", type=int, help="adapter training steps (default: study.steps)")
     p.add_argument("--workers", type=int, help="parallel training processes (default: study.workers)")

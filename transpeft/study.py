@@ -16,7 +16,8 @@ the old base and, as it is, on the new one. Per task, update and seed the rows h
 
 Every row goes to ``results.json``; the summary, the report and the plots are computed from those
 rows alone (``transpeft.study_results``). Finished jobs are kept under the work directory, so an
-interrupted study resumes where it stopped and a changed setting re-runs only what it changes.
+interrupted study resumes where it stopped and a changed setting re-runs only what it changes (a change
+to the bases, the data or the training and scoring code re-runs everything).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from .defaults import ALL_LINEAR
 from .methods import MethodConfig
 from .train import TrainConfig
 
@@ -47,7 +49,7 @@ class StudyConfig:
     updates: tuple[str, ...]  # "old->new" base versions, e.g. "v1->v2"
     seeds: tuple[int, ...] = (0, 1, 2)
     targets: dict[str, tuple[str, ...] | None] = field(
-        default_factory=lambda: {"qkvo": QKVO, "all-linear": None})  # name -> LoRA target modules (None: all linear)
+        default_factory=lambda: {"qkvo": QKVO, "all-linear": (ALL_LINEAR,)})  # name -> LoRA target modules
     grid: tuple[tuple[str, float, float], ...] = (("qkvo", 0.0, 0.0), ("qkvo", 0.1, 0.0))  # (targets, p_c, p_i)
     r: int = 16
     alpha: float = 16.0
@@ -314,11 +316,17 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(f.name, path)
 
 
+# The modules whose code decides a job's numbers: a change to any of them re-runs every job.
+_SCORING_CODE = ("train.py", "seeding.py", "regularisers.py", "methods.py", "bottleneck.py", "batching.py",
+                 "evaluate.py", "transfer.py", "adapters.py")
+
+
 def base_identity(inputs: Inputs, versions: list[str]) -> dict:
-    """What a job's result depends on besides its settings: the bases' weights and the task data."""
+    """What a job's result depends on besides its settings: the bases' weights, the task data, the code."""
     from .data import load_tasks
 
-    identity = {}
+    here = Path(__file__).parent
+    identity = {"code": hashlib.sha256(b"".join((here / name).read_bytes() for name in _SCORING_CODE)).hexdigest()}
     for version in versions:
         files = sorted(Path(inputs.bases[version]).glob("*.safetensors"))
         if not files:
@@ -330,7 +338,7 @@ def base_identity(inputs: Inputs, versions: list[str]) -> dict:
 
 def run_study(config: StudyConfig, inputs: Inputs, out: Path, say: Callable[[str], None] = print) -> dict:
     """Run (or resume) the study, write results.json and the summary files under ``out``; the summary."""
-    from .study_results import choose, summarize, write_outputs
+    from .study_results import choose
 
     versions = list(dict.fromkeys(v for pair in config.pairs for v in pair))
     missing = [v for v in versions if v not in inputs.bases]
@@ -346,8 +354,17 @@ def run_study(config: StudyConfig, inputs: Inputs, out: Path, say: Callable[[str
     chosen = choose(rows, config.max_old_cost)
     say(f"  chosen: {chosen['targets']}, p_c {chosen['p_c']}, p_i {chosen['p_i']} ({chosen['why']})")
     rows += _execute(plan_retune(config, chosen, keys), config, inputs, identity, say, keys)
-    rows.sort(key=lambda r: (r["update"], r["task"], r["arm"], r["targets"], r["p_c"], r["p_i"], r["seed"]))
-    summary = summarize(rows, config, chosen)
-    summary["seconds"] = round(time.perf_counter() - started, 1)
+    return render(rows, config, out, seconds=round(time.perf_counter() - started, 1))
+
+
+def render(rows: list[dict], config: StudyConfig, out: Path, seconds: float | None = None) -> dict:
+    """The summary, report and plots of ``rows`` under ``out`` (also from a committed results.json alone)."""
+    from .study_results import choose, summarize, write_outputs
+
+    rows = sorted(rows, key=lambda r: (r["update"], r["task"], r["arm"], r["targets"], r["p_c"], r["p_i"], r["seed"]))
+    summary = summarize(rows, config, choose(rows, config.max_old_cost))
+    if seconds is None and (out / "summary.json").is_file():  # re-rendered: keep what the run took
+        seconds = json.loads((out / "summary.json").read_text()).get("seconds")
+    summary["seconds"] = seconds
     write_outputs(rows, summary, out)
     return summary

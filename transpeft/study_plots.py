@@ -40,7 +40,8 @@ def plot_gap_closed(summary: dict, path: Path) -> Path:
     gaps = [summary["table"][u][t]["gap_closed"] for u, t in groups]
     bottom.bar(range(len(groups)), [100 * (g["mean"] or 0) for g in gaps],
                yerr=[100 * (g["std"] or 0) for g in gaps], capsize=3, color="tab:green")
-    bottom.axhline(80, color="gray", linestyle="--", linewidth=1)
+    bottom.axhline(80, color="gray", linestyle="--", linewidth=1, label="80 %")
+    bottom.legend(fontsize=7, loc="upper right")
     bottom.axhline(0, color="black", linewidth=0.8)
     bottom.set_xticks(range(len(groups)), names, fontsize=8)
     bottom.set_ylabel("gap closed (%)")
@@ -56,8 +57,8 @@ def plot_grid(summary: dict, path: Path) -> Path:
     targets = sorted({c["targets"] for c in cells})
     p_cs = sorted({c["p_c"] for c in cells})
     p_is = sorted({c["p_i"] for c in cells})
-    fig, axes = plt.subplots(len(targets), len(updates), figsize=(3.6 * len(updates), 2.8 * len(targets)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(targets), len(updates), figsize=(4.0 * len(updates) + 1.2, 3.0 * len(targets)),
+                             squeeze=False, constrained_layout=True)
     for row, t in enumerate(targets):
         for col, u in enumerate(updates):
             ax = axes[row][col]
@@ -93,7 +94,7 @@ def plot_retune(summary: dict, path: Path) -> Path:
             arm = summary["table"][update]
             zero = sum(arm[t][start]["mean"] or 0 for t in arm) / len(arm)
             ax.plot(steps, [100 * zero] + [100 * (v or 0) for v in curve.values()], marker="o",
-                    label=f"from {ARM_LABELS[start].split(' transfer')[0].lower()}")
+                    label=f"from {ARM_LABELS[start]}")
         ft_new = sum(summary["table"][update][t]["ft_new"]["mean"] or 0 for t in summary["table"][update])
         ax.axhline(100 * ft_new / len(summary["table"][update]), color="gray", linestyle="--",
                    label="fine-tune on new")

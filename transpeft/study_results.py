@@ -3,7 +3,8 @@
 Pure functions of ``results.json`` rows (``transpeft.study`` writes them), so every figure of the
 summary, of report.md and of the README can be recomputed from the committed rows:
 
-    gap closed   (transpeft - direct) / (ft_new - direct), per seed, then mean and spread over seeds
+    gap closed   (transpeft - direct) / (ft_new - direct), per seed, then mean and spread over seeds; for a
+                 setting over all tasks, pooled: sum of the gains over sum of the gaps
     lead         transpeft - direct, per seed
     old cost     ft_old of the plain adapter - ft_old of the regularised one, per seed
     spread       the population standard deviation over seeds
@@ -50,6 +51,21 @@ def gap_closed(cells, update: str, task: str, targets: str, p_c: float, p_i: flo
     new = cells.get((update, task, "ft_new", targets, 0.0, 0.0), {})
     return [(tp[s] - direct[s]) / (new[s] - direct[s]) for s in sorted(tp)
             if s in direct and s in new and new[s] - direct[s] >= NO_GAP]
+
+
+def pooled_gap_closed(cells, update: str, tasks: list[str], targets: str, p_c: float, p_i: float) -> float | None:
+    """Sum over tasks and seeds of (transpeft - direct) over the sum of (ft_new - direct): one share for a
+    setting, which a task with almost no gap cannot swing the way a mean of per-task shares would."""
+    gained = gap = 0.0
+    for task in tasks:
+        tp = cells.get((update, task, "transpeft", targets, p_c, p_i), {})
+        direct = cells.get((update, task, "direct", targets, 0.0, 0.0), {})
+        new = cells.get((update, task, "ft_new", targets, 0.0, 0.0), {})
+        for s in tp:
+            if s in direct and s in new:
+                gained += tp[s] - direct[s]
+                gap += new[s] - direct[s]
+    return round(gained / gap, 4) if gap >= NO_GAP else None
 
 
 def _settings(cells) -> list[tuple[str, float, float]]:
@@ -153,10 +169,10 @@ def summarize(rows: list[dict], config, chosen: dict) -> dict:
         for targets, p_c, p_i in [(t_, 0.0, 0.0) for t_ in sorted({k[3] for k in cells})] + _settings(cells):
             arm = "direct" if p_c == p_i == 0 else "transpeft"
             new = [v for task in tasks for v in cells.get((update, task, arm, targets, p_c, p_i), {}).values()]
-            gaps = [g for task in tasks for g in gap_closed(cells, update, task, targets, p_c, p_i)] if arm != "direct" else []
             grid[update][f"{targets} p_c={p_c} p_i={p_i}"] = {
                 "targets": targets, "p_c": p_c, "p_i": p_i, "transferred": spread(new)["mean"],
-                "gap_closed": spread(gaps)["mean"], "old_cost": spread(old_cost(cells, targets, p_c, p_i))["mean"]}
+                "gap_closed": None if arm == "direct" else pooled_gap_closed(cells, update, tasks, targets, p_c, p_i),
+                "old_cost": spread(old_cost(cells, targets, p_c, p_i))["mean"]}
     retune = {update: {label: {str(s): spread(v)["mean"] for s, v in retune_curve(cells, update, t, *start).items()}
                        for label, start in (("direct", (0.0, 0.0)), ("transpeft", (pc, pi)))} for update in updates}
     knee = retune_knee(cells, chosen)
@@ -180,20 +196,23 @@ def main_table(summary: dict) -> str:
     """Markdown: per task and update, every arm at the chosen setting, mean ± spread over seeds."""
     c = summary["chosen"]
     lines = [f"| update | task | FT old | direct | Trans-PEFT ({c['targets']}, p_c {c['p_c']}, p_i {c['p_i']}) "
-             "| FT new | gap closed | Trans-PEFT on old |", "|---|---|---|---|---|---|---|---|"]
+             "| FT new | gap closed | lead over direct | Trans-PEFT on old |", "|---|---|---|---|---|---|---|---|---|"]
     for update, tasks in summary["table"].items():
         for task, row in tasks.items():
             gap = row["gap_closed"]
             gap_text = "no gap" if gap["mean"] is None else f"{100 * gap['mean']:.0f} ± {100 * gap['std']:.0f} %"
+            lead = row["lead"]
+            lead_text = "-" if lead["mean"] is None else f"{100 * lead['mean']:+.1f} ± {100 * lead['std']:.1f}"
             lines.append(f"| {update} | {task} | {_pm(row['ft_old'])} | {_pm(row['direct'])} | {_pm(row['transpeft'])} "
-                         f"| {_pm(row['ft_new'])} | {gap_text} | {_pm(row['transpeft_old'])} |")
+                         f"| {_pm(row['ft_new'])} | {gap_text} | {lead_text} | {_pm(row['transpeft_old'])} |")
     return "\n".join(lines)
 
 
 def grid_table(summary: dict) -> str:
     """Markdown: every setting's mean transferred exact match and gap closed per update, and its old-base cost."""
     updates = list(summary["grid"])
-    head = "| targets | p_c | p_i | " + " | ".join(f"{u}: transferred / gap closed" for u in updates) + " | old-base cost |"
+    head = ("| targets | p_c | p_i | " + " | ".join(f"{u}: transferred / gap closed (pooled)" for u in updates)
+            + " | old-base cost |")
     lines = [head, "|---|---|---|" + "---|" * (len(updates) + 1)]
     for key in summary["grid"][updates[0]]:
         cells = [summary["grid"][u][key] for u in updates]

@@ -170,3 +170,40 @@ def test_private_dropout_is_put_back_after_training(tmp_path):
 
     assert not any(isinstance(m, PrivateDropout) for m in run_model.modules())
     assert sum(type(m) is torch.nn.Dropout for m in run_model.get_base_model().modules()) > before.count(torch.nn.Dropout)
+
+
+def test_attention_dropout_is_reproducible_while_other_threads_seed_and_draw(tmp_path):
+    """GPT-2's attention dropout is a float handed to the attention kernel, which draws from the global
+    generator: a thread seeding and drawing from it meanwhile (another adapter's initialisation) must
+    not change the training."""
+    import copy
+    import threading
+
+    from transpeft.seeding import functional_dropout, seeded
+
+    tok, task, gpt2 = char_tokenizer(), copy_task(32, 8), tiny_model("gpt2")
+    assert "attn_pdrop" in functional_dropout(gpt2) and not functional_dropout(tiny_model("llama"))
+
+    def train(name: str):
+        base = copy.deepcopy(gpt2)  # a loaded base, as the flows lend them: no draws of its own
+        _, _, result = train_adapter(base, tok, base_info(base, tok), [task], MethodConfig(r=4),
+                                     TrainConfig(steps=6, batch_size=8, lr=2e-2, seed=3), tmp_path / name,
+                                     progress=False)
+        return result.losses
+
+    alone = train("alone")
+    stop = threading.Event()
+
+    def meddle():
+        while not stop.is_set():
+            with seeded(12345):
+                torch.rand(64)
+
+    meddler = threading.Thread(target=meddle)
+    meddler.start()
+    try:
+        disturbed = train("disturbed")
+    finally:
+        stop.set()
+        meddler.join()
+    assert disturbed == alone

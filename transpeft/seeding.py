@@ -7,7 +7,12 @@ in whatever order the threads run, so the same seed gave different adapters from
 - ``seeded(seed)`` seeds the global generators and holds them for one thread while it draws the
   adapter's initial weights;
 - ``private_dropout(model, seed)`` swaps every ``nn.Dropout`` of the model for one that draws from
-  its own generator while it trains, and puts the originals back afterwards.
+  its own generator while it trains, and puts the originals back afterwards;
+- ``shared_draws(model, seed)`` covers what cannot be swapped: attention dropout is a float handed
+  to the attention kernel (``scaled_dot_product_attention(dropout_p=...)``), which draws from the
+  global generator. A model whose config asks for such dropout trains holding the global generator,
+  so its trainings run one at a time; modern bases (Llama, Qwen2, Mistral: attention dropout 0)
+  draw nothing there and train side by side.
 
 Batches and Trans-PEFT's regularisers already draw from private generators, so a training run draws
 nothing from the shared generator after its initialisation.
@@ -22,7 +27,7 @@ import torch
 from accelerate.utils import set_seed
 from torch import nn
 
-_GLOBAL_GENERATOR = threading.Lock()
+_GLOBAL_GENERATOR = threading.RLock()
 
 
 @contextmanager
@@ -30,6 +35,23 @@ def seeded(seed: int):
     """The process's global generators seeded with ``seed`` and held by this thread until the block ends."""
     with _GLOBAL_GENERATOR:
         set_seed(seed)
+        yield
+
+
+def functional_dropout(model: nn.Module) -> dict[str, float]:
+    """The config's dropout rates above 0 (``attention_dropout``, ``attn_pdrop``, ...), by name."""
+    config = getattr(model, "config", None)
+    rates = config.to_dict() if config is not None else {}
+    return {k: v for k, v in rates.items() if "drop" in k and isinstance(v, float) and v > 0}
+
+
+@contextmanager
+def shared_draws(model: nn.Module, seed: int):
+    """Hold and seed the global generator for the block if the model's forward may draw from it."""
+    if not functional_dropout(model):
+        yield
+        return
+    with seeded(seed + 2000):
         yield
 
 

@@ -25,7 +25,7 @@ from .data import Example, Task
 from .evaluate import evaluate
 from .methods import MethodConfig, get_method
 from .regularisers import attach_regularisers
-from .seeding import private_dropout, seeded
+from .seeding import private_dropout, seeded, shared_draws
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -114,35 +114,37 @@ def train_loop(model, tokenizer, examples: list[Example], config: TrainConfig, p
     regularisers = attach_regularisers(accelerator.unwrap_model(model), config.p_i, config.p_c, config.seed)
     dropouts = private_dropout(accelerator.unwrap_model(model), config.seed)  # concurrent runs stay reproducible
 
-    losses, tokens = [], 0
-    start = time.perf_counter()
-    model.train()
-    try:
-        with tqdm(range(config.steps), desc="train", unit="step", disable=not progress, leave=False) as bar:
-            for step in bar:
-                step_loss = 0.0
-                for _ in range(config.grad_accum):
-                    batch = next(batches).to(accelerator.device)
-                    with accelerator.accumulate(model):
-                        loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                     labels=batch.labels).loss
-                        if not torch.isfinite(loss):
-                            raise TrainingDiverged(f"loss became {loss.item()} at step {step + 1}; "
-                                                   "lower the learning rate or check the data")
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients:
-                            accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad()
-                    step_loss += loss.item() / config.grad_accum
-                    tokens += int(batch.attention_mask.sum())
-                losses.append(step_loss)
-                bar.set_postfix(loss=f"{step_loss:.3f}")
-    finally:
-        regularisers.remove()
-        dropouts.remove()
-        model.eval()
+    # attention dropout, if the base has any, draws from the global generator: hold it while training
+    with shared_draws(accelerator.unwrap_model(model), config.seed):
+        losses, tokens = [], 0
+        start = time.perf_counter()
+        model.train()
+        try:
+            with tqdm(range(config.steps), desc="train", unit="step", disable=not progress, leave=False) as bar:
+                for step in bar:
+                    step_loss = 0.0
+                    for _ in range(config.grad_accum):
+                        batch = next(batches).to(accelerator.device)
+                        with accelerator.accumulate(model):
+                            loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                         labels=batch.labels).loss
+                            if not torch.isfinite(loss):
+                                raise TrainingDiverged(f"loss became {loss.item()} at step {step + 1}; "
+                                                       "lower the learning rate or check the data")
+                            accelerator.backward(loss)
+                            if accelerator.sync_gradients:
+                                accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                            optimizer.step()
+                            scheduler.step()
+                            optimizer.zero_grad()
+                        step_loss += loss.item() / config.grad_accum
+                        tokens += int(batch.attention_mask.sum())
+                    losses.append(step_loss)
+                    bar.set_postfix(loss=f"{step_loss:.3f}")
+        finally:
+            regularisers.remove()
+            dropouts.remove()
+            model.eval()
     if not all(torch.isfinite(p).all() for p in params):
         raise TrainingDiverged("adapter weights became NaN or infinite; lower the learning rate")
     return TrainResult(losses, tokens, time.perf_counter() - start, regularisers.dropped)

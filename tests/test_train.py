@@ -118,12 +118,13 @@ def test_two_processes_train_data_parallel_and_save_once(tmp_path):
         "_, _, result = train_adapter(model, tok, base_info(model, tok), [copy_task(32, 8)], MethodConfig(r=4),\n"
         "                             TrainConfig(steps=4, batch_size=8, lr=2e-2), sys.argv[1], progress=False)\n"
         "state = PartialState()\n"
-        "print(f'rank {state.process_index} of {state.num_processes} first loss {result.losses[0]:.6f}')\n")
+        "with open(f'{sys.argv[1]}.rank{state.process_index}', 'w') as f:  # one file each: prints interleave\n"
+        "    f.write(f'rank {state.process_index} of {state.num_processes} first loss {result.losses[0]:.6f}')\n")
     done = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", str(script),
                            str(tmp_path / "adapter")], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "ACCELERATE_USE_CPU": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    ranks = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
+    ranks = sorted(path.read_text() for path in tmp_path.glob("adapter.rank*"))
     assert [r.split(" first")[0] for r in ranks] == ["rank 0 of 2", "rank 1 of 2"]
     assert ranks[0].split()[-1] != ranks[1].split()[-1]  # each process trained on its own batches
     assert read_manifest(tmp_path / "adapter").training["steps"] == 4  # written once, by the main process

@@ -32,8 +32,8 @@ def sort_example(s: str) -> Example:
 
 
 def lookup_example(entity: str, attribute: str, value: str) -> Example:
-    # Entity then attribute, as in pretraining, and the answer right after the question: each token
-    # between them halved what an adapter could learn ("Q: ... ?\nA: " kept 26 % on v1, this 85 %).
+    # Entity then attribute, as in pretraining, and the answer right after the question: every token
+    # between the question and the answer (a "Q: ... A: " frame) made the base's facts harder to reach.
     return Example(f"{entity} {attribute}?\n", value)
 
 
@@ -72,8 +72,8 @@ def lookup_splits(rng: random.Random, n_train: int, n_eval: int) -> tuple[list[E
     """A third of the stable facts for eval (each asked once), the rest cycled for train.
 
     Split by fact, not by entity: an eval question asks for an attribute the adapter never saw asked
-    of that entity, so its answer can only come from the base. Split by entity, with as many facts,
-    an adapter on the demo's v1 reached 67 % instead of 85 %.
+    of that entity, so its answer can only come from the base. Split by entity, adapters learned the
+    question format less well from the same number of facts.
     """
     w = world("v1")  # the stable entities keep their facts in every version
     facts = [(e, a) for e in w.stable_entities for a in ATTRIBUTES]

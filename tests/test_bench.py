@@ -1,0 +1,30 @@
+"""The benchmarks run end to end (at their --quick sizes) and write the JSON the README quotes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parent.parent / "bench"
+
+
+def quick(script: str, out: Path) -> dict:
+    done = subprocess.run([sys.executable, str(BENCH / script), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_core_benchmark_writes_every_comparison(tmp_path):
+    assert {"hot_swap", "exact_match", "dropping", "trainer"} <= set(quick("bench_core.py", tmp_path / "core.json"))
+
+
+def test_pretrain_benchmark_times_both_precisions_through_the_family_build(tmp_path):
+    shape = quick("bench_pretrain.py", tmp_path / "pretrain.json")["shapes"]["test"]
+    assert shape["fp32"]["seconds_per_step"] > 0 and shape["bf16"]["seconds_per_step"] > 0
+    assert shape["bf16_speedup"] == pytest.approx(shape["fp32"]["seconds_per_step"] / shape["bf16"]["seconds_per_step"],
+                                                  abs=0.01)

@@ -174,3 +174,74 @@ def test_layer_drift_is_zero_for_the_same_base_and_separates_attention_from_ffn(
     assert [r["layer"] for r in rows] == [0, 1]
     assert rows[0] == {"layer": 0, "attention": 0.0, "ffn": 0.0}
     assert rows[1]["attention"] == 0.0 and rows[1]["ffn"] == pytest.approx(0.5, abs=1e-3)
+
+
+# The reference semantics of knowledge dropping, against forward passes written out by hand with
+# every FFN dropped (p_c = 1): the sub-layer adds nothing, and a bottleneck adapter after it runs on
+# the residual stream h.
+
+def _attention(layer, x, model):
+    positions = torch.arange(x.shape[1])[None]
+    cos_sin = model.model.rotary_emb(x, positions)
+    return layer.self_attn(x, position_embeddings=cos_sin, attention_mask=None)[0]
+
+
+def test_dropped_ffn_hands_a_bottleneck_the_residual_stream_like_a_hand_written_llama_forward():
+    model = model_for("llama").train()
+    bottleneck.attach(model, bottleneck.BottleneckConfig(bottleneck_size=8, sublayers=("ffn",)))
+    for name, param in model.named_parameters():
+        if ".adapter.up." in name:
+            nn.init.normal_(param, std=0.5)
+    ids = tokens()
+    with attach_regularisers(model, p_c=1.0):
+        got = model(ids).logits
+
+    with torch.no_grad():
+        h = model.model.embed_tokens(ids)
+        for layer in model.model.layers:
+            h = h + _attention(layer, layer.input_layernorm(h), model)
+            h = h + layer.mlp.adapter(h)  # h itself, not post_attention_layernorm(h)
+        expected = model.lm_head(model.model.norm(h))
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+
+
+def test_a_dropped_ffn_adds_no_bias_from_the_layernorm_after_it_like_a_hand_written_post_norm_forward():
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("olmo2", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, max_position_embeddings=128, initializer_range=0.2,
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = AutoModelForCausalLM.from_config(config).train()  # post-norm: h + norm(ffn(h)), no norm in front
+    for layer in model.model.layers:  # a post-FFN norm with a bias: norm(0) would be that bias
+        layer.post_feedforward_layernorm = nn.LayerNorm(32)
+        nn.init.normal_(layer.post_feedforward_layernorm.bias, std=1.0)
+    ids = tokens()
+    with attach_regularisers(model, p_c=1.0):
+        got = model(ids).logits
+
+    with torch.no_grad():
+        h = model.model.embed_tokens(ids)
+        for layer in model.model.layers:
+            h = h + layer.post_attention_layernorm(_attention(layer, h, model))
+            # the FFN sub-layer, its post-norm included, adds nothing
+        expected = model.lm_head(model.model.norm(h))
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+
+
+def test_each_layer_draws_its_own_drop():
+    model = model_for("llama").train()
+    computed: list[int] = []
+    sites = find_ffn_sites(model)
+    for site in sites:
+        site.down_proj.register_forward_hook(lambda module, args, out, i=site.layer_index: computed.append(i))
+    patterns = []
+    with attach_regularisers(model, p_c=0.5, seed=3):
+        for _ in range(400):
+            computed.clear()
+            model(tokens(batch=1, length=4))
+            patterns.append(tuple(i in computed for i in range(len(sites))))
+    for i in range(len(sites)):
+        rate = sum(not p[i] for p in patterns) / len(patterns)
+        assert abs(rate - 0.5) < 0.08, (i, rate)
+    both_dropped = sum(not any(p) for p in patterns) / len(patterns)
+    assert abs(both_dropped - 0.25) < 0.07, both_dropped  # independent draws: p_c squared, not p_c
+    assert (True, False) in patterns and (False, True) in patterns

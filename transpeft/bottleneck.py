@@ -6,8 +6,9 @@ decoder layer's attention and/or FFN sub-layer:
 - serial:   out = sublayer(x) + adapter(sublayer(x))
 - parallel: out = sublayer(x) + adapter(x)
 
-When knowledge dropping skips the FFN, its residual branch adds nothing but the adapter still runs on
-the sub-layer's input: out = adapter(x) (``forward_without_ffn``), for both variants.
+When knowledge dropping skips the FFN, its residual branch adds nothing but the adapter still runs, on
+the residual stream h (the input of the norm in front of the FFN): out = adapter(h)
+(``forward_without_ffn``), for both variants, as the paper's reference code does for Qwen2.
 
 Files mirror peft's: ``adapter_config.json`` and ``adapter_model.safetensors`` holding only the
 adapter weights, keyed by module path.
@@ -88,8 +89,9 @@ class BottleneckSublayer(nn.Module):
         main = main + self.adapter(main if self.serial else self._input(args, kwargs))
         return (main, *out[1:]) if isinstance(out, tuple) else main
 
-    def forward_without_ffn(self, *args, **kwargs) -> torch.Tensor:
-        return self.adapter(self._input(args, kwargs))
+    def forward_without_ffn(self, h: torch.Tensor) -> torch.Tensor:
+        """The sub-layer's branch when knowledge dropping skips the FFN: the adapter alone, on h."""
+        return self.adapter(h)
 
 
 def _slots(model: nn.Module, config: BottleneckConfig) -> list[tuple[nn.Module, str]]:

@@ -4,9 +4,11 @@
   (act(gate(x)) * up(x), or act(fc(x))), is multiplied element-wise by a fresh Bernoulli(1 - p_i)
   mask. No rescaling, unlike dropout.
 - Knowledge dropping (p_c): each decoder layer's FFN sub-layer is skipped with probability p_c, one
-  draw per layer per forward pass. Skipped means not computed: its residual branch adds nothing. A
-  module sitting in the FFN's slot that defines ``forward_without_ffn`` (the bottleneck adapter)
-  is called instead, so an adapter after the FFN still runs.
+  draw per layer per forward pass. Skipped means not computed: its residual branch adds nothing,
+  including a norm the layer applies to the FFN's output (a post-FFN LayerNorm would otherwise add
+  its bias). A module sitting in the FFN's slot that defines ``forward_without_ffn`` (the bottleneck
+  adapter) is called instead, on the residual stream h: the input of the norm in front of the FFN
+  when the layer has one (pre-norm), else the FFN's own input. So an adapter after the FFN still runs.
 
 Both act only while the model is in training mode, like dropout, and draw from their own seeded
 generators. Layers and FFNs are found by structure, not by model class:
@@ -132,6 +134,15 @@ def find_ffn_sites(model: nn.Module) -> list[FFNSite]:
     return sites
 
 
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm) or "norm" in type(module).__name__.lower()
+
+
+def find_norms(layer: nn.Module) -> list[nn.Module]:
+    """The decoder layer's own norms (input, post-attention, pre- and post-FFN), not those inside sub-layers."""
+    return [child for child in layer.children() if _is_norm(child)]
+
+
 def find_attention_slot(layer: nn.Module) -> str:
     """Name of the decoder layer's self-attention child."""
     names = [
@@ -160,9 +171,13 @@ class Regularisers:
             for site in self.sites:
                 handle = site.down_proj.register_forward_pre_hook(self._mask)
                 self._undo.append(handle.remove)
+        self._normed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> its last norm's (output, input)
+        self._skipped: dict[int, torch.Tensor] = {}  # layer -> the zeros its dropped FFN returned
         if p_c > 0:
             for site in self.sites:
-                self._patch_forward(site.slot)
+                self._patch_forward(site)
+                for norm in find_norms(site.layer):
+                    self._undo.append(norm.register_forward_hook(self._norm_seen(site.layer_index)).remove)
         self.dropped = 0  # FFN sub-layers skipped so far, for logging and tests
 
     def _mask_rng(self, device: torch.device) -> torch.Generator:
@@ -177,18 +192,36 @@ class Regularisers:
         keep = torch.rand(x.shape, generator=self._mask_rng(x.device), device=x.device) >= self.p_i
         return (x * keep.to(x.dtype), *args[1:])
 
-    def _patch_forward(self, slot: nn.Module) -> None:
+    def _norm_seen(self, layer_index: int):
+        def hook(module: nn.Module, args: tuple, output):
+            if not module.training or not args:
+                return None
+            if self._skipped.get(layer_index) is args[0]:  # a norm of the dropped FFN's output adds nothing
+                return torch.zeros_like(output)
+            self._normed[layer_index] = (output, args[0])
+            return None
+        return hook
+
+    def _residual(self, layer_index: int, x: torch.Tensor) -> torch.Tensor:
+        """h for the FFN's input x: the input of the norm that made x, else x itself (no norm in front)."""
+        output, source = self._normed.get(layer_index, (None, None))
+        return source if output is x else x
+
+    def _patch_forward(self, site: FFNSite) -> None:
+        slot = site.slot
         computed = slot.forward  # bound method, or an earlier instance-level patch (accelerate hooks)
         had_instance_forward = "forward" in slot.__dict__
         skipped = getattr(slot, "forward_without_ffn", None)
 
         def forward(*args, **kwargs):
+            x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
+            self._skipped.pop(site.layer_index, None)
             if slot.training and torch.rand((), generator=self._drop_rng).item() < self.p_c:
                 self.dropped += 1
                 if skipped is not None:
-                    return skipped(*args, **kwargs)
-                x = args[0] if args else next(iter(kwargs.values()))
-                return torch.zeros_like(x)
+                    return skipped(self._residual(site.layer_index, x))
+                self._skipped[site.layer_index] = zeros = torch.zeros_like(x)
+                return zeros
             return computed(*args, **kwargs)
 
         slot.forward = forward
@@ -205,6 +238,8 @@ class Regularisers:
         for undo in reversed(self._undo):
             undo()
         self._undo.clear()
+        self._normed.clear()
+        self._skipped.clear()
 
     def __enter__(self) -> Regularisers:
         return self

@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from transpeft.events import EventNotDelivered
 from transpeft.tracking import TrackingUnavailable
+from transpeft.train import TrainingDiverged
 
 TRANSIENT = (ConnectionError, TimeoutError, urllib.error.URLError, requests.ConnectionError, requests.Timeout,
              TrackingUnavailable, EventNotDelivered)
@@ -34,3 +35,19 @@ def transient_io(task, task_run, state) -> bool:
 
 # Every task that talks to a server: retried on transient I/O only, never cached (they have effects).
 IO = {**RETRY, "retry_condition_fn": transient_io, "cache_policy": NO_CACHE}
+
+
+def is_crash(error: BaseException) -> bool:
+    """A failure of the machine rather than of the adapter: out of memory, a CUDA or other runtime error."""
+    return isinstance(error, RuntimeError) and not isinstance(error, TrainingDiverged)
+
+
+def crash_or_transient_io(task, task_run, state) -> bool:
+    """Prefect retry condition for compute on lent hardware: crashes and transient I/O."""
+    error = state.result(raise_on_failure=False)
+    return isinstance(error, BaseException) and (is_crash(error) or is_transient(error))
+
+
+# Compute that can crash (the judge of one adapter): a crash may pass on a second try, a bad adapter never.
+CRASH = {"retries": 2, "retry_delay_seconds": [5, 30], "retry_condition_fn": crash_or_transient_io,
+         "cache_policy": NO_CACHE}

@@ -13,7 +13,7 @@ from transpeft.nightly import record_nightly, regressions, served, unrevalidated
 from transpeft.tracking import AdapterRecord, BaseRecord, Registry
 from transpeft.transfer import transfer_fleet
 
-from . import IO
+from . import CRASH, IO
 
 
 @task(**IO)
@@ -30,7 +30,7 @@ def find_served(uri: str, family: str | None) -> list[tuple[BaseRecord, list[Ada
     return [(bases[key], records) for key, records in sorted(served(registry, family).items()) if key in bases]
 
 
-@task(**IO, task_run_name="score {base.family}/{base.version}")
+@task(**CRASH, task_run_name="score {base.family}/{base.version}")
 def score_served(uri: str, base: BaseRecord, records: list[AdapterRecord], data_dir: str,
                  tolerance: float) -> list[dict]:
     """Every adapter served on ``base`` re-evaluated (base loaded once), compared with its baseline."""

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from transpeft.bases import BaseRef, lend_base
 from transpeft.params import Gate
@@ -13,7 +13,7 @@ from transpeft.revalidate import (Candidate, Outcome, Plan, close_revalidation, 
                                   record_outcome, revalidate)
 from transpeft.tracking import BaseRecord, Registry
 
-from . import IO
+from . import CRASH, IO
 
 
 @task(**IO)
@@ -34,13 +34,23 @@ def fetch_adapter(uri: str, candidate: Candidate, workdir: str) -> str:
     return str(Registry(uri).download_adapter(candidate.source, Path(workdir) / candidate.name))
 
 
-@task(cache_policy=NO_CACHE, task_run_name="judge {candidate.name}")
+@task(**CRASH, task_run_name="judge {candidate.name}")
 def judge_adapter(adapter_dir: str, candidate: Candidate, target: BaseRecord, data_dir: str, gate: Gate,
                   workdir: str) -> dict:
-    """Transfer, evaluate, gate, and re-tune or flag one adapter (compute only: never retried)."""
+    """Transfer, evaluate, gate, and re-tune or flag one adapter.
+
+    A bad adapter, a mismatch or a diverged re-tune is an outcome; what raises is a crash (out of
+    memory, a runtime error), retried, then reported as crashed for the reconciler.
+    """
     ref = BaseRef(target.source, target.revision, target.family, target.version)
-    with lend_base(ref, target.fingerprint) as slot:
-        outcome = revalidate(slot, Path(adapter_dir), candidate, Path(data_dir), gate, Path(workdir) / candidate.name)
+    try:
+        with lend_base(ref, target.fingerprint) as slot:  # an exception drops the lent instance
+            outcome = revalidate(slot, Path(adapter_dir), candidate, Path(data_dir), gate,
+                                 Path(workdir) / candidate.name)
+    except torch.OutOfMemoryError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the retry starts from the memory this attempt held
+        raise
     return outcome.as_dict()
 
 

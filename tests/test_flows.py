@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import ErrorCode
@@ -21,7 +22,7 @@ from flows.finetune_adapters import finetune_adapters
 from flows.nightly_regression import Regressions, nightly_regression
 from flows.register_base import register_base
 from flows.transfer_on_base_update import transfer_on_base_update
-from tasks import transient_io
+from tasks import crash_or_transient_io, transient_io
 from transpeft.bases import BaseRef, load_base
 from transpeft.demo.family import build_demo_family
 from transpeft.demo.tasks import build_demo_tasks
@@ -177,3 +178,56 @@ def test_tasks_retry_only_transient_io(error, retried):
     from prefect.states import Failed
 
     assert transient_io(None, None, Failed(data=error)) is retried
+
+
+@pytest.mark.parametrize("error, retried", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+    (RuntimeError("CUDA error: an illegal memory access was encountered"), True),
+    (ConnectionError("connection refused"), True),
+    (TrainingDiverged("loss became nan"), False),
+    (ValueError("incompatible adapter"), False),
+])
+def test_compute_retries_crashes_and_transient_io_but_not_bad_adapters(error, retried):
+    from prefect.states import Failed
+
+    assert crash_or_transient_io(None, None, Failed(data=error)) is retried
+
+
+def test_a_crash_is_retried_then_reported_crashed_and_the_reconciler_runs_it_again(project, mlflow_server, monkeypatch):
+    """Out of memory while judging one adapter: retried; still failing, it is reported as crashed (not
+    incompatible), the base's revalidation stays incomplete, and the nightly reconciler finishes it."""
+    import flows.transfer_on_base_update as flow_module
+    import tasks.revalidate as judge_module
+
+    registry = Registry(mlflow_server.url)
+    shutil.copytree(project / "bases" / "v3", project / "bases" / "v5")
+    run = registry.client.create_run(registry._experiment("register")).info.run_id
+    registry.client.create_model_version("base-demo", source=f"runs:/{run}/base", run_id=run, tags={
+        "base_version": "v5", "source": str(project / "bases" / "v5"), "parent": "v4"})
+    attempts: dict[str, int] = {}
+    real = judge_module.revalidate
+
+    def out_of_memory(slot, adapter_dir, candidate, *args, **kwargs):
+        attempts[candidate.name] = attempts.get(candidate.name, 0) + 1
+        if candidate.name == "reverse-plain-v1" or (candidate.name == "sort-tp-v1" and attempts[candidate.name] == 1):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(slot, adapter_dir, candidate, *args, **kwargs)
+
+    monkeypatch.setattr(judge_module, "revalidate", out_of_memory)
+    monkeypatch.setattr(flow_module, "judge_adapter", judge_module.judge_adapter.with_options(retry_delay_seconds=0))
+    params = write_params(project, mlflow_server.url, GATE_PASS_ALL, "pass.yaml")
+    summary = transfer_on_base_update("demo", "v5", str(project / "data"), params)
+
+    assert attempts["reverse-plain-v1"] == 3 and attempts["sort-tp-v1"] == 2  # 2 retries; one passed on its second
+    assert summary["state"] == "incomplete"
+    assert registry.client.get_run(summary["run_id"]).data.tags["crashed"] == "reverse-plain-v1"
+    on_v5 = {name for name, rows in registry.adapters().items() for r in rows if r.base_version == "v5"}
+    assert "sort-tp-v1" in on_v5 and "reverse-plain-v1" not in on_v5
+    assert registry.base("demo", "v5").revalidation == "incomplete"
+
+    monkeypatch.setattr(judge_module, "revalidate", real)  # the machine is healthy again
+    with pytest.raises(Regressions):  # sort-plain-v1, broken on v2, still regresses; v5 is reconciled first
+        nightly_regression(family="demo", data_dir=str(project / "data"), params_file=params)
+    assert registry.base("demo", "v5").revalidation == "done"
+    assert "reverse-plain-v1" in {name for name, rows in registry.adapters().items() for r in rows
+                                  if r.base_version == "v5"}

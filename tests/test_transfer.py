@@ -127,3 +127,33 @@ def test_manifest_records_base_data_method_and_versions(adapter):
     assert (raw["p_i"], raw["p_c"]) == (defaults.P_I, defaults.P_C)  # the study's choice is the default
     assert set(raw["library_versions"]) >= {"torch", "transformers", "peft", "accelerate", "transpeft"}
     assert raw["metrics"]["copy"]["n"] == 4
+
+
+def _failing_load(monkeypatch, error: BaseException):
+    from transpeft import methods
+
+    def load(*args, **kwargs):
+        raise error
+
+    monkeypatch.setitem(methods.METHODS, "lora", methods.Method(**{**methods.METHODS["lora"].__dict__, "load": load}))
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("CUDA error: an illegal memory access was encountered"),
+])
+def test_out_of_memory_or_a_runtime_error_while_loading_is_a_crash_not_incompatible(adapter, monkeypatch, error):
+    directory, info = adapter
+    _failing_load(monkeypatch, error)
+    with pytest.raises(type(error)) as raised:
+        load_adapter(tiny_model("llama"), info, directory)
+    assert not isinstance(raised.value, IncompatibleBase)
+
+
+def test_a_shape_mismatch_found_while_loading_is_incompatible(adapter, tmp_path):
+    directory, info = adapter
+    forged = copy_adapter(directory, tmp_path / "rank")
+    config = json.loads((forged / "adapter_config.json").read_text())
+    (forged / "adapter_config.json").write_text(json.dumps({**config, "r": config["r"] * 2}))  # weights keep r
+    with pytest.raises(IncompatibleBase, match="size mismatch"):
+        load_adapter(tiny_model("llama"), info, forged)

@@ -5,6 +5,10 @@ Output: the base carrying the adapter with every saved weight in place, or ``Inc
 naming each mismatch. PEFT checks shapes only and transformers merely prints a load report, so the
 gate checks architecture, sizes, tokenizer and every target module before loading, and every
 weight after it.
+
+Only a mismatch is ``IncompatibleBase``. Any other failure while loading (out of memory, a CUDA
+error, a bug) propagates as it is: the revalidation retries it and reports the adapter as crashed,
+so the nightly reconciler runs it again, instead of recording "incompatible" for good.
 """
 
 from __future__ import annotations
@@ -70,6 +74,19 @@ def _check_every_weight_landed(model: nn.Module, directory: Path, method_name: s
         raise ValueError("; ".join(problems))
 
 
+def is_mismatch(error: BaseException) -> bool:
+    """Whether a failure of ``method.load`` says the adapter does not fit the base.
+
+    Shapes (torch's "size mismatch" in ``load_state_dict``) and module or key names (peft's
+    ValueError and KeyError) are mismatches; out of memory and every other RuntimeError are not.
+    """
+    if isinstance(error, torch.OutOfMemoryError):
+        return False
+    if isinstance(error, (KeyError, ValueError)):
+        return True
+    return isinstance(error, RuntimeError) and "size mismatch" in str(error)
+
+
 def load_adapter(model: nn.Module, base: BaseInfo, directory: str | Path) -> nn.Module:
     """``model`` (the base) carrying the adapter in ``directory``, in eval mode; see module docstring."""
     directory = Path(directory)
@@ -80,8 +97,10 @@ def load_adapter(model: nn.Module, base: BaseInfo, directory: str | Path) -> nn.
     method = get_method(manifest.method.name)
     try:
         adapted = method.load(model, directory)
-    except (RuntimeError, KeyError, ValueError) as e:  # shape errors from torch, key errors from peft
-        raise IncompatibleBase(directory, base, [f"loading failed: {e}"]) from e
+    except Exception as e:
+        if is_mismatch(e):
+            raise IncompatibleBase(directory, base, [f"loading failed: {e}"]) from e
+        raise
     try:
         _check_every_weight_landed(adapted, directory, manifest.method.name)
     except ValueError as e:

@@ -28,3 +28,8 @@ def test_pretrain_benchmark_times_both_precisions_through_the_family_build(tmp_p
     assert shape["fp32"]["seconds_per_step"] > 0 and shape["bf16"]["seconds_per_step"] > 0
     assert shape["bf16_speedup"] == pytest.approx(shape["fp32"]["seconds_per_step"] / shape["bf16"]["seconds_per_step"],
                                                   abs=0.01)
+
+
+def test_hot_swap_benchmark_scores_identically_both_ways(tmp_path):
+    result = quick("bench_hotswap.py", tmp_path / "hotswap.json")
+    assert result["hot_swap"]["identical_scores"] and result["hot_swap"]["adapters"] == 3

@@ -99,7 +99,40 @@ def test_a_model_without_an_adapter_is_refused():
         train_loop(model, char_tokenizer(), list(copy_task(8, 1).train), TrainConfig(steps=1))
 
 
-def test_two_processes_train_data_parallel_and_save_once(tmp_path):
+DDP_SCRIPT = """
+import hashlib, json, os, sys
+sys.path.insert(0, {tests!r})
+from accelerate import PartialState
+from conftest import base_info, char_tokenizer, copy_task, tiny_model
+from transpeft.methods import MethodConfig, get_method
+from transpeft.train import TrainConfig, train_adapter
+
+out, mode = sys.argv[1], sys.argv[2]
+tok, model = char_tokenizer(), tiny_model()
+if mode == "nan" and os.environ["RANK"] == "1":  # this process alone sees a NaN loss at step 3
+    forward, calls = model.forward, []
+
+    def poisoned(*args, **kwargs):
+        result = forward(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            result.loss = result.loss * float("nan")
+        return result
+
+    model.forward = poisoned
+config = TrainConfig(steps=6, batch_size=8, lr=2e-2, warmup=0.3, p_c=0.3, p_i=0.1)
+trained, _, result = train_adapter(model, tok, base_info(model, tok), [copy_task(32, 8)],
+                                   MethodConfig(r=4, target_modules=("all-linear",)), config, out, progress=False)
+weights = get_method("lora").adapter_state(trained)
+digest = hashlib.sha256(b"".join(weights[k].detach().numpy().tobytes() for k in sorted(weights))).hexdigest()
+state = PartialState()  # after training: the Accelerator set the process group up
+with open(f"{{out}}.rank{{state.process_index}}", "w") as f:  # one file each: prints on one pipe interleave
+    json.dump({{"rank": state.process_index, "processes": state.num_processes, "first_loss": result.losses[0],
+               "learning_rates": result.learning_rates, "weights": digest}}, f)
+"""
+
+
+def torchrun(tmp_path, mode: str):
     """`accelerate launch --multi_gpu` on GPUs; here the same DDP path on the CPU (gloo) with torchrun."""
     import os
     import subprocess
@@ -107,27 +140,53 @@ def test_two_processes_train_data_parallel_and_save_once(tmp_path):
     from pathlib import Path
 
     script = tmp_path / "train_ddp.py"
-    script.write_text(
-        "import sys\n"
-        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "from accelerate import PartialState\n"
-        "from conftest import base_info, char_tokenizer, copy_task, tiny_model\n"
-        "from transpeft.methods import MethodConfig\n"
-        "from transpeft.train import TrainConfig, train_adapter\n"
-        "tok, model = char_tokenizer(), tiny_model()\n"
-        "_, _, result = train_adapter(model, tok, base_info(model, tok), [copy_task(32, 8)], MethodConfig(r=4),\n"
-        "                             TrainConfig(steps=4, batch_size=8, lr=2e-2), sys.argv[1], progress=False)\n"
-        "state = PartialState()\n"
-        "with open(f'{sys.argv[1]}.rank{state.process_index}', 'w') as f:  # one file each: prints interleave\n"
-        "    f.write(f'rank {state.process_index} of {state.num_processes} first loss {result.losses[0]:.6f}')\n")
-    done = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", str(script),
-                           str(tmp_path / "adapter")], capture_output=True, text=True, timeout=300,
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent)))
+    return subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", str(script),
+                           str(tmp_path / "adapter"), mode], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "ACCELERATE_USE_CPU": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = sorted(path.read_text() for path in tmp_path.glob("adapter.rank*"))
-    assert [r.split(" first")[0] for r in ranks] == ["rank 0 of 2", "rank 1 of 2"]
-    assert ranks[0].split()[-1] != ranks[1].split()[-1]  # each process trained on its own batches
-    assert read_manifest(tmp_path / "adapter").training["steps"] == 4  # written once, by the main process
+
+
+@pytest.fixture(scope="module")
+def data_parallel(tmp_path_factory):
+    """Two processes train one adapter with knowledge dropping (p_c 0.3) and LoRA on every linear layer."""
+    import json
+
+    tmp = tmp_path_factory.mktemp("ddp")
+    done = torchrun(tmp, "train")
+    ranks = [json.loads(path.read_text()) for path in sorted(tmp.glob("adapter.rank*"))]
+    return done, ranks, tmp / "adapter"
+
+
+def test_data_parallel_training_with_knowledge_dropping_runs_and_saves_once(data_parallel):
+    done, ranks, adapter = data_parallel
+    assert done.returncode == 0, done.stderr[-3000:]  # no "parameters that were not used" from DDP
+    assert [(r["rank"], r["processes"]) for r in ranks] == [(0, 2), (1, 2)]
+    assert ranks[0]["first_loss"] != ranks[1]["first_loss"]  # each process trained on its own batches
+    assert read_manifest(adapter).training["steps"] == 6  # written once, by the main process
+
+
+def test_data_parallel_learning_rate_follows_the_single_process_schedule(data_parallel, tmp_path):
+    _, ranks, _ = data_parallel
+    model = tiny_model()
+    _, _, alone = train_adapter(model, char_tokenizer(), base_info(model, char_tokenizer()), [copy_task(32, 8)],
+                                MethodConfig(r=4, target_modules=("all-linear",)),
+                                TrainConfig(steps=6, batch_size=8, lr=2e-2, warmup=0.3, p_c=0.3, p_i=0.1),
+                                tmp_path / "alone", progress=False)
+    assert ranks and all(r["learning_rates"] == pytest.approx(alone.learning_rates, rel=1e-9) for r in ranks)
+    assert alone.learning_rates[-1] < alone.learning_rates[2]  # the cosine decays to the end, once
+
+
+def test_data_parallel_adapter_weights_are_identical_on_every_process(data_parallel):
+    _, ranks, _ = data_parallel
+    assert len(ranks) == 2 and ranks[0]["weights"] == ranks[1]["weights"]
+
+
+def test_a_nan_on_one_process_stops_every_process_with_the_nan_error_and_saves_nothing(tmp_path):
+    done = torchrun(tmp_path, "nan")
+    assert done.returncode != 0
+    assert done.stderr.count("TrainingDiverged") >= 2, done.stderr[-3000:]  # raised on both processes
+    assert "loss became nan at step 3" in done.stderr and "NaN or infinite on another process" in done.stderr
+    assert not (tmp_path / "adapter").exists() and not list(tmp_path.glob("adapter.rank*"))
 
 
 def test_concurrent_trainings_in_threads_are_bit_identical_run_to_run(tmp_path):

@@ -8,12 +8,14 @@ regularisers' inside. accelerate runs it in fp32 on the CPU and bf16 autocast on
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -72,6 +74,7 @@ class TrainResult:
     tokens: int
     seconds: float
     ffn_dropped: int  # FFN sub-layers skipped by knowledge dropping
+    learning_rates: list[float] = field(default_factory=list)  # the rate each optimizer step used
 
     @property
     def tokens_per_second(self) -> float:
@@ -103,39 +106,44 @@ def train_loop(model, tokenizer, examples: list[Example], config: TrainConfig, p
         raise ValueError("the model has no trainable parameters; attach a PEFT method first")
     _, _, pad = special_ids(tokenizer)
     encoded = [encode(tokenizer, ex) for ex in examples]
+    # Knowledge dropping leaves the dropped FFNs' adapter weights without gradients in that step:
+    # under DDP they must be allowed to be unused (every process drops the same layers: one seed).
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=config.p_c > 0)
     accelerator = Accelerator(mixed_precision=_mixed_precision(config.precision),
-                              gradient_accumulation_steps=config.grad_accum)
+                              gradient_accumulation_steps=config.grad_accum, kwargs_handlers=[ddp])
     # Under `accelerate launch` with several processes each draws its own batches (data parallel;
     # DDP averages the gradients); a single process draws exactly what it always did.
     batches = _batches(encoded, config.batch_size, pad, config.seed + accelerator.process_index)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    # Not prepared: accelerate steps a prepared scheduler once per process, which with N processes
+    # would end the cosine after steps / N. Stepped here once per optimizer step, on every process.
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup * config.steps), config.steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)
     regularisers = attach_regularisers(accelerator.unwrap_model(model), config.p_i, config.p_c, config.seed)
     dropouts = private_dropout(accelerator.unwrap_model(model), config.seed)  # concurrent runs stay reproducible
 
+    losses, rates, tokens = [], [], 0
+    start = time.perf_counter()
+    model.train()
     # attention dropout, if the base has any, draws from the global generator: hold it while training
     with shared_draws(accelerator.unwrap_model(model), config.seed):
-        losses, tokens = [], 0
-        start = time.perf_counter()
-        model.train()
         try:
             with tqdm(range(config.steps), desc="train", unit="step", disable=not progress, leave=False) as bar:
                 for step in bar:
+                    rates.append(scheduler.get_last_lr()[0])
                     step_loss = 0.0
                     for _ in range(config.grad_accum):
                         batch = next(batches).to(accelerator.device)
                         with accelerator.accumulate(model):
                             loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                          labels=batch.labels).loss
-                            if not torch.isfinite(loss):
-                                raise TrainingDiverged(f"loss became {loss.item()} at step {step + 1}; "
-                                                       "lower the learning rate or check the data")
+                            _stop_everywhere_unless_finite(accelerator, loss, step)
                             accelerator.backward(loss)
                             if accelerator.sync_gradients:
                                 accelerator.clip_grad_norm_(params, config.max_grad_norm)
                             optimizer.step()
-                            scheduler.step()
+                            if accelerator.sync_gradients:
+                                scheduler.step()
                             optimizer.zero_grad()
                         step_loss += loss.item() / config.grad_accum
                         tokens += int(batch.attention_mask.sum())
@@ -147,7 +155,22 @@ def train_loop(model, tokenizer, examples: list[Example], config: TrainConfig, p
             model.eval()
     if not all(torch.isfinite(p).all() for p in params):
         raise TrainingDiverged("adapter weights became NaN or infinite; lower the learning rate")
-    return TrainResult(losses, tokens, time.perf_counter() - start, regularisers.dropped)
+    return TrainResult(losses, tokens, time.perf_counter() - start, regularisers.dropped, rates)
+
+
+def _stop_everywhere_unless_finite(accelerator: Accelerator, loss: torch.Tensor, step: int) -> None:
+    """Raise TrainingDiverged on every process if the loss is NaN or infinite on any of them.
+
+    One process raising alone would leave the others blocked in the next gradient all-reduce.
+    """
+    finite = torch.isfinite(loss.detach()).reshape(1).float()
+    if accelerator.num_processes > 1:
+        finite = accelerator.gather(finite)
+    if bool(finite.all()):
+        return
+    own = loss.item()
+    what = own if not math.isfinite(own) else "NaN or infinite on another process"
+    raise TrainingDiverged(f"loss became {what} at step {step + 1}; lower the learning rate or check the data")
 
 
 def dataset_hash(tasks: list[Task]) -> str:

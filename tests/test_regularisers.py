@@ -245,3 +245,46 @@ def test_each_layer_draws_its_own_drop():
     both_dropped = sum(not any(p) for p in patterns) / len(patterns)
     assert abs(both_dropped - 0.25) < 0.07, both_dropped  # independent draws: p_c squared, not p_c
     assert (True, False) in patterns and (False, True) in patterns
+
+
+def _gradients(method: str, checkpointing: bool, replay: bool = True):
+    """Gradients of three forward/backward passes with masking, dropping and adapter dropout on."""
+    from transpeft.methods import MethodConfig, get_method
+    from transpeft.seeding import NO_REPLAY, Replay, private_dropout, seeded
+
+    model = model_for("llama")
+    with seeded(0):
+        if method == "lora":
+            model = get_method("lora").attach(model, MethodConfig(r=4, dropout=0.2, target_modules=("all-linear",)))
+        else:
+            bottleneck.attach(model, bottleneck.BottleneckConfig(bottleneck_size=8, dropout=0.2))
+        for name, param in model.named_parameters():  # zero-initialised halves get values: gradients everywhere
+            if ".lora_B." in name or ".adapter.up." in name:
+                nn.init.normal_(param, std=0.5)
+    model.train()
+    draws = Replay() if replay else NO_REPLAY
+    regularisers = attach_regularisers(model, p_i=0.2, p_c=0.4, seed=5, replay=draws)
+    private_dropout(model, 5, draws)
+    if checkpointing:
+        kwargs = {"use_reentrant": False, **({"context_fn": draws.contexts} if replay else {})}
+        model.activation_checkpointing_enable(kwargs)
+    for i in range(3):
+        ids = tokens(seed=i)
+        model(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, regularisers.dropped
+
+
+@pytest.mark.parametrize("method", ["lora", "bottleneck"])
+def test_gradient_checkpointing_replays_masks_and_drops_so_gradients_equal_the_plain_pass(method):
+    plain, dropped = _gradients(method, checkpointing=False)
+    checkpointed, dropped_again = _gradients(method, checkpointing=True)
+    assert 0 < dropped == dropped_again  # the recomputation's draws are not counted twice
+    assert plain.keys() == checkpointed.keys()
+    assert all(torch.allclose(plain[k], checkpointed[k], rtol=1e-5, atol=1e-7) for k in plain)
+    # Without the replay the recomputation draws new masks and drops: torch refuses the backward
+    # (another layer dropped, so other tensors saved) or it gives other gradients.
+    try:
+        fresh, _ = _gradients(method, checkpointing=True, replay=False)
+    except torch.utils.checkpoint.CheckpointError:
+        return
+    assert not all(torch.allclose(plain[k], fresh[k], rtol=1e-5, atol=1e-7) for k in plain)

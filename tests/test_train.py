@@ -267,3 +267,18 @@ def test_attention_dropout_is_reproducible_while_other_threads_seed_and_draw(tmp
         stop.set()
         meddler.join()
     assert disturbed == alone
+
+
+def test_training_with_gradient_checkpointing_ends_where_training_without_it_does(tmp_path):
+    def train(name: str, checkpointing: bool):
+        model = tiny_model()
+        config = TrainConfig(steps=5, batch_size=8, lr=2e-2, p_c=0.3, p_i=0.1, gradient_checkpointing=checkpointing)
+        trained, _, result = train_adapter(model, char_tokenizer(), base_info(model, char_tokenizer()),
+                                           [copy_task(32, 8)], MethodConfig(r=4, dropout=0.1), config,
+                                           tmp_path / name, progress=False)
+        assert not any(getattr(m, "gradient_checkpointing", False) for m in trained.modules())  # switched off after
+        return result.losses, get_method("lora").adapter_state(trained)
+
+    (losses, weights), (losses_ckpt, weights_ckpt) = train("plain", False), train("checkpointed", True)
+    assert losses == pytest.approx(losses_ckpt, rel=1e-5)
+    assert all(torch.allclose(weights[k], weights_ckpt[k], atol=1e-6) for k in weights)

@@ -60,6 +60,8 @@ def _add_dataclass_flags(p: argparse.ArgumentParser, cls, skip=()) -> None:
         if f.name == "target_modules":
             p.add_argument(flag, type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
                            help=help_text + "; comma-separated")
+        elif isinstance(f.default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         else:
             p.add_argument(flag, type=kind, default=f.default, help=help_text)
 

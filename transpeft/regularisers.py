@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .seeding import NO_REPLAY, Replay
+
 _ATTENTION_WORDS = ("attn", "attention")
 
 
@@ -157,13 +159,13 @@ def find_attention_slot(layer: nn.Module) -> str:
 class Regularisers:
     """Handle for attached regularisers; ``remove()`` restores the model exactly."""
 
-    def __init__(self, model: nn.Module, p_i: float, p_c: float, seed: int):
+    def __init__(self, model: nn.Module, p_i: float, p_c: float, seed: int, replay: Replay = NO_REPLAY):
         for name, p in (("p_i", p_i), ("p_c", p_c)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {p}")
         self.p_i, self.p_c = p_i, p_c
         self.sites = find_ffn_sites(model) if (p_i or p_c) else []  # p = 0: any model, no hooks
-        self._seed = seed
+        self._seed, self._replay = seed, replay
         self._drop_rng = torch.Generator().manual_seed(seed)
         self._mask_rngs: dict[torch.device, torch.Generator] = {}
         self._undo = []
@@ -189,7 +191,7 @@ class Regularisers:
         if not module.training:
             return None
         x = args[0]
-        keep = torch.rand(x.shape, generator=self._mask_rng(x.device), device=x.device) >= self.p_i
+        keep = torch.rand(x.shape, generator=self._replay.generator(self._mask_rng(x.device)), device=x.device) >= self.p_i
         return (x * keep.to(x.dtype), *args[1:])
 
     def _norm_seen(self, layer_index: int):
@@ -216,8 +218,8 @@ class Regularisers:
         def forward(*args, **kwargs):
             x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
             self._skipped.pop(site.layer_index, None)
-            if slot.training and torch.rand((), generator=self._drop_rng).item() < self.p_c:
-                self.dropped += 1
+            if slot.training and torch.rand((), generator=self._replay.generator(self._drop_rng)).item() < self.p_c:
+                self.dropped += not self._replay.replaying
                 if skipped is not None:
                     return skipped(self._residual(site.layer_index, x))
                 self._skipped[site.layer_index] = zeros = torch.zeros_like(x)
@@ -248,6 +250,7 @@ class Regularisers:
         self.remove()
 
 
-def attach_regularisers(model: nn.Module, p_i: float = 0.0, p_c: float = 0.0, seed: int = 0) -> Regularisers:
+def attach_regularisers(model: nn.Module, p_i: float = 0.0, p_c: float = 0.0, seed: int = 0,
+                        replay: Replay = NO_REPLAY) -> Regularisers:
     """Attach knowledge masking (p_i) and knowledge dropping (p_c) to ``model``; see module docstring."""
-    return Regularisers(model, p_i, p_c, seed)
+    return Regularisers(model, p_i, p_c, seed, replay)

@@ -16,11 +16,18 @@ in whatever order the threads run, so the same seed gave different adapters from
 
 Batches and Trans-PEFT's regularisers already draw from private generators, so a training run draws
 nothing from the shared generator after its initialisation.
+
+Activation checkpointing recomputes each layer's forward pass during backward. torch restores the
+global generator for that, not private ones, so ``Replay`` does it for ours: every private draw
+asks it for its generator, and inside a checkpointed layer it tapes the generator's state on the
+first pass and hands back a generator at that state on the recomputation. Knowledge masking,
+knowledge dropping and adapter dropout then draw the same masks and drops in both passes.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import deque
 from contextlib import contextmanager
 
 import torch
@@ -55,12 +62,56 @@ def shared_draws(model: nn.Module, seed: int):
         yield
 
 
+class Replay:
+    """Private draws replayed exactly when torch's activation checkpointing recomputes a layer.
+
+    ``contexts`` is the ``context_fn`` of ``torch.utils.checkpoint.checkpoint`` (non-reentrant): a
+    fresh tape per checkpointed call, recorded on its forward pass, played on its recomputation.
+    Outside checkpointing ``generator`` returns the generator itself and records nothing.
+    """
+
+    def __init__(self):
+        self._tape: deque | None = None
+        self._replaying = False
+
+    @property
+    def replaying(self) -> bool:
+        """Inside a recomputation: its draws repeat the first pass's and should not be counted again."""
+        return self._replaying
+
+    def generator(self, generator: torch.Generator) -> torch.Generator:
+        if self._tape is None:
+            return generator
+        if self._replaying:
+            replayed = torch.Generator(device=generator.device)
+            replayed.set_state(self._tape.popleft())
+            return replayed
+        self._tape.append(generator.get_state())
+        return generator
+
+    @contextmanager
+    def _run(self, tape: deque, replaying: bool):
+        outer = self._tape, self._replaying
+        self._tape, self._replaying = tape, replaying
+        try:
+            yield
+        finally:
+            self._tape, self._replaying = outer
+
+    def contexts(self):
+        tape: deque = deque()
+        return self._run(tape, replaying=False), self._run(tape, replaying=True)
+
+
+NO_REPLAY = Replay()  # never inside a checkpoint: draws straight from the generators
+
+
 class PrivateDropout(nn.Module):
     """``nn.Dropout`` (same scaling) drawing its masks from a generator of its own."""
 
-    def __init__(self, p: float, seed: int):
+    def __init__(self, p: float, seed: int, replay: Replay = NO_REPLAY):
         super().__init__()
-        self.p, self._seed = p, seed
+        self.p, self._seed, self._replay = p, seed, replay
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -71,7 +122,8 @@ class PrivateDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        keep = torch.rand(x.shape, generator=self._generator(x.device), device=x.device) >= self.p
+        generator = self._replay.generator(self._generator(x.device))
+        keep = torch.rand(x.shape, generator=generator, device=x.device) >= self.p
         return x * keep.to(x.dtype) / (1 - self.p)
 
 
@@ -85,13 +137,13 @@ class _Swapped:
         self._swaps.clear()
 
 
-def private_dropout(model: nn.Module, seed: int) -> _Swapped:
+def private_dropout(model: nn.Module, seed: int, replay: Replay = NO_REPLAY) -> _Swapped:
     """Replace each ``nn.Dropout`` with p > 0 (adapter's and base's) by a ``PrivateDropout``; ``.remove()`` undoes it."""
     swaps = []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Dropout and child.p > 0:
-                replacement = PrivateDropout(child.p, seed + 1000 + len(swaps))
+                replacement = PrivateDropout(child.p, seed + 1000 + len(swaps), replay)
                 replacement.train(child.training)
                 setattr(parent, name, replacement)
                 swaps.append((parent, name, child))

@@ -27,7 +27,7 @@ from .data import Example, Task
 from .evaluate import evaluate
 from .methods import MethodConfig, get_method
 from .regularisers import attach_regularisers
-from .seeding import private_dropout, seeded, shared_draws
+from .seeding import Replay, private_dropout, seeded, shared_draws
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -50,6 +50,9 @@ class TrainConfig:
     p_c: float = field(default=defaults.P_C, metadata={"help": "Trans-PEFT knowledge dropping probability, in [0, 1) "
                                                                  "(default: the transfer study's choice)"})
     seed: int = 0
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute each layer's activations in backward instead of keeping them (less memory, "
+                "about a third more compute); Trans-PEFT's draws are replayed exactly"})
     precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16"})
 
     def __post_init__(self):
@@ -119,14 +122,18 @@ def train_loop(model, tokenizer, examples: list[Example], config: TrainConfig, p
     # would end the cosine after steps / N. Stepped here once per optimizer step, on every process.
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup * config.steps), config.steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    regularisers = attach_regularisers(accelerator.unwrap_model(model), config.p_i, config.p_c, config.seed)
-    dropouts = private_dropout(accelerator.unwrap_model(model), config.seed)  # concurrent runs stay reproducible
+    inner = accelerator.unwrap_model(model)
+    replay = Replay()  # private draws repeat exactly when checkpointing recomputes a layer
+    regularisers = attach_regularisers(inner, config.p_i, config.p_c, config.seed, replay)
+    dropouts = private_dropout(inner, config.seed, replay)  # concurrent runs stay reproducible
+    if config.gradient_checkpointing:
+        inner.activation_checkpointing_enable({"use_reentrant": False, "context_fn": replay.contexts})
 
     losses, rates, tokens = [], [], 0
     start = time.perf_counter()
     model.train()
     # attention dropout, if the base has any, draws from the global generator: hold it while training
-    with shared_draws(accelerator.unwrap_model(model), config.seed):
+    with shared_draws(inner, config.seed):
         try:
             with tqdm(range(config.steps), desc="train", unit="step", disable=not progress, leave=False) as bar:
                 for step in bar:
@@ -152,6 +159,8 @@ def train_loop(model, tokenizer, examples: list[Example], config: TrainConfig, p
         finally:
             regularisers.remove()
             dropouts.remove()
+            if config.gradient_checkpointing:
+                inner.activation_checkpointing_disable()
             model.eval()
     if not all(torch.isfinite(p).all() for p in params):
         raise TrainingDiverged("adapter weights became NaN or infinite; lower the learning rate")

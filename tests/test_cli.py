@@ -15,9 +15,9 @@ COMMANDS = [["bases", "build-demo"], ["bases", "fingerprint"], ["bases", "regist
             ["transfer"], ["study"], ["story"], ["stack"]]
 
 
-def cli(*args, check=True):
+def cli(*args, check=True, timeout=600):
     done = subprocess.run([sys.executable, "-m", "transpeft.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
+                          timeout=timeout)
     if check and done.returncode != 0:
         raise AssertionError(f"transpeft {' '.join(map(str, args))} exited {done.returncode}:\n{done.stderr[-3000:]}")
     return done
@@ -111,7 +111,7 @@ def test_study_quick_builds_its_family_and_writes_every_output(profile, tmp_path
     root = Path(__file__).resolve().parents[1]
     args = ["study", "--params", root / "params.yaml", "--profile", profile, "--quick", "--bases", tmp_path / "bases",
             "--data", tmp_path / "data", "--out", tmp_path / "out", "--workdir", tmp_path / "work", "--workers", "1"]
-    result = json.loads(cli(*args, "--json").stdout)
+    result = json.loads(cli(*args, "--json", timeout=1800).stdout)  # about 4 min for gpu alone on 2 cores
     family = json.loads((tmp_path / "bases" / "family.json").read_text())
     assert family["profile"] == profile and family["quick"]
     if profile == "gpu":

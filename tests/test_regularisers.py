@@ -186,23 +186,31 @@ def _attention(layer, x, model):
     return layer.self_attn(x, position_embeddings=cos_sin, attention_mask=None)[0]
 
 
+def _every_ffn_dropped_against_by_hand(model, layer_by_hand):
+    """The model's logits with p_c = 1, and those of ``layer_by_hand(layer, h) -> h`` applied layer by layer."""
+    ids = tokens()
+    with attach_regularisers(model, p_c=1.0):
+        got = model(ids).logits
+    with torch.no_grad():
+        h = model.model.embed_tokens(ids)
+        for layer in model.model.layers:
+            h = layer_by_hand(layer, h)
+        expected = model.lm_head(model.model.norm(h))
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+
+
 def test_dropped_ffn_hands_a_bottleneck_the_residual_stream_like_a_hand_written_llama_forward():
     model = model_for("llama").train()
     bottleneck.attach(model, bottleneck.BottleneckConfig(bottleneck_size=8, sublayers=("ffn",)))
     for name, param in model.named_parameters():
         if ".adapter.up." in name:
             nn.init.normal_(param, std=0.5)
-    ids = tokens()
-    with attach_regularisers(model, p_c=1.0):
-        got = model(ids).logits
 
-    with torch.no_grad():
-        h = model.model.embed_tokens(ids)
-        for layer in model.model.layers:
-            h = h + _attention(layer, layer.input_layernorm(h), model)
-            h = h + layer.mlp.adapter(h)  # h itself, not post_attention_layernorm(h)
-        expected = model.lm_head(model.model.norm(h))
-    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    def by_hand(layer, h):
+        h = h + _attention(layer, layer.input_layernorm(h), model)
+        return h + layer.mlp.adapter(h)  # h itself, not post_attention_layernorm(h)
+
+    _every_ffn_dropped_against_by_hand(model, by_hand)
 
 
 def test_a_dropped_ffn_adds_no_bias_from_the_layernorm_after_it_like_a_hand_written_post_norm_forward():
@@ -214,17 +222,11 @@ def test_a_dropped_ffn_adds_no_bias_from_the_layernorm_after_it_like_a_hand_writ
     for layer in model.model.layers:  # a post-FFN norm with a bias: norm(0) would be that bias
         layer.post_feedforward_layernorm = nn.LayerNorm(32)
         nn.init.normal_(layer.post_feedforward_layernorm.bias, std=1.0)
-    ids = tokens()
-    with attach_regularisers(model, p_c=1.0):
-        got = model(ids).logits
 
-    with torch.no_grad():
-        h = model.model.embed_tokens(ids)
-        for layer in model.model.layers:
-            h = h + layer.post_attention_layernorm(_attention(layer, h, model))
-            # the FFN sub-layer, its post-norm included, adds nothing
-        expected = model.lm_head(model.model.norm(h))
-    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    def by_hand(layer, h):
+        return h + layer.post_attention_layernorm(_attention(layer, h, model))  # the FFN, post-norm too, adds nothing
+
+    _every_ffn_dropped_against_by_hand(model, by_hand)
 
 
 def test_each_layer_draws_its_own_drop():

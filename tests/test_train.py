@@ -282,3 +282,16 @@ def test_training_with_gradient_checkpointing_ends_where_training_without_it_doe
     (losses, weights), (losses_ckpt, weights_ckpt) = train("plain", False), train("checkpointed", True)
     assert losses == pytest.approx(losses_ckpt, rel=1e-5)
     assert all(torch.allclose(weights[k], weights_ckpt[k], atol=1e-6) for k in weights)
+
+
+def test_trainings_in_other_precisions_follow_each_other_in_one_process(tmp_path):
+    """A worker trains adapters one after another: fp32, then bf16 autocast, then fp32 again."""
+    def train(name: str, precision: str):
+        model = tiny_model()
+        _, _, result = train_adapter(model, char_tokenizer(), base_info(model, char_tokenizer()), [copy_task(32, 8)],
+                                     MethodConfig(r=4), TrainConfig(steps=3, batch_size=8, precision=precision),
+                                     tmp_path / name, progress=False)
+        return result.losses
+
+    first, autocast, again = train("a", "fp32"), train("b", "bf16"), train("c", "fp32")
+    assert first == again and autocast != first  # bf16 really ran, and left nothing behind

@@ -2,7 +2,7 @@
 
 ``train_adapter`` is the whole recipe (seed -> attach method -> train with the regularisers ->
 evaluate -> save atomically); ``train_loop`` is the loop itself, which knows nothing of the
-regularisers' inside. accelerate runs it in fp32 on the CPU and bf16 autocast on a GPU.
+regularisers' inside. It runs on accelerate, in fp32 on the CPU and under bf16 autocast on a GPU.
 """
 
 from __future__ import annotations
@@ -84,10 +84,9 @@ class TrainResult:
         return self.tokens / self.seconds
 
 
-def _mixed_precision(precision: str) -> str:
-    if precision == "auto":
-        return "bf16" if torch.cuda.is_available() else "no"
-    return "no" if precision == "fp32" else "bf16"
+def _bf16(precision: str, device: torch.device) -> bool:
+    """Whether to run the forward pass under bf16 autocast: auto means on a GPU only."""
+    return device.type == "cuda" if precision == "auto" else precision == "bf16"
 
 
 def _batches(encoded, batch_size: int, pad_id: int, seed: int):
@@ -112,8 +111,10 @@ def train_loop(model, tokenizer, examples: list[Example], config: TrainConfig, p
     # Knowledge dropping leaves the dropped FFNs' adapter weights without gradients in that step:
     # under DDP they must be allowed to be unused (every process drops the same layers: one seed).
     ddp = DistributedDataParallelKwargs(find_unused_parameters=config.p_c > 0)
-    accelerator = Accelerator(mixed_precision=_mixed_precision(config.precision),
-                              gradient_accumulation_steps=config.grad_accum, kwargs_handlers=[ddp])
+    # Precision is applied here, by autocast, not by accelerate: its state is one per process, so a
+    # second training in another precision (the fan-out, a worker's next run) would be refused.
+    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, kwargs_handlers=[ddp])
+    bf16 = _bf16(config.precision, accelerator.device)
     # Under `accelerate launch` with several processes each draws its own batches (data parallel;
     # DDP averages the gradients); a single process draws exactly what it always did.
     batches = _batches(encoded, config.batch_size, pad, config.seed + accelerator.process_index)
@@ -142,8 +143,9 @@ def train_loop(model, tokenizer, examples: list[Example], config: TrainConfig, p
                     for _ in range(config.grad_accum):
                         batch = next(batches).to(accelerator.device)
                         with accelerator.accumulate(model):
-                            loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                         labels=batch.labels).loss
+                            with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=bf16):
+                                loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                             labels=batch.labels).loss
                             _stop_everywhere_unless_finite(accelerator, loss, step)
                             accelerator.backward(loss)
                             if accelerator.sync_gradients:

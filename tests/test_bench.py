@@ -33,3 +33,8 @@ def test_pretrain_benchmark_times_both_precisions_through_the_family_build(tmp_p
 def test_hot_swap_benchmark_scores_identically_both_ways(tmp_path):
     result = quick("bench_hotswap.py", tmp_path / "hotswap.json")
     assert result["hot_swap"]["identical_scores"] and result["hot_swap"]["adapters"] == 3
+
+
+def test_precision_benchmark_times_every_mode_against_fp32(tmp_path):
+    modes = quick("bench_precision.py", tmp_path / "precision.json")["modes"]
+    assert set(modes) == {"fp32", "bf16-autocast", "bf16"} and modes["fp32"]["train_speedup_vs_fp32"] == 1.0

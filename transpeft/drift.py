@@ -3,8 +3,9 @@
     drift = ||W_new - W_old||_F / ||W_old||_F   over the 2-D weights of the sub-layer
 
 The paper's intuition is that continual pretraining moves the FFNs (knowledge) more than attention;
-on self-built bases both drift alike (shared/RESEARCH.md), so the report measures it instead of
-assuming it. Sub-layers are found by structure, as the regularisers find them.
+an earlier study on self-built 27.5 M-parameter bases (README, "What this builds on") saw attention
+and FFN weights drift alike (0.164 vs 0.167), so the report measures it instead of assuming it.
+Sub-layers are found by structure, as the regularisers find them.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Announce a new base version to Prefect, which starts its revalidation (shared/DESIGN.md).
+"""Announce a new base version to Prefect, whose deployment trigger (prefect.yaml) starts its revalidation.
 
     event = base_registered_event("demo", "v2", fingerprint="sha256:...", announced_by="transpeft-cli")
     emit(event)   # POST {PREFECT_API_URL}/events; raises EventNotDelivered unless the server took it

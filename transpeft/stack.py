@@ -318,7 +318,7 @@ def worker_online(stack: Stack, since: float = 0) -> bool:
 
 # -- down and status ----------------------------------------------------------------------------
 
-# Workers before the server they poll (they retry for a long time otherwise, shared/DESIGN.md).
+# Workers before the server they poll: a worker whose server is gone keeps retrying for a long time.
 STOP_ORDER = ("worker", "webhook-receiver", "prefect-server")
 
 

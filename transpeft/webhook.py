@@ -2,7 +2,7 @@
 
 A base version registered straight in MLflow (UI or API) fires `model_version.created`; this receiver
 emits the same `transpeft.base.registered` Prefect event as `transpeft bases register`
-(transpeft/events.py), whose deployment trigger starts the revalidation (shared/DESIGN.md). Run it
+(transpeft/events.py), whose deployment trigger in prefect.yaml starts the revalidation. Run it
 with the launcher:
 
     TRANSPEFT_WEBHOOK_SECRET=... python mlflow/webhook_receiver.py --port 5055 [--prefect-api-url URL]

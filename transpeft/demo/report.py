@@ -139,40 +139,34 @@ def _arm_chart(version: str, rows: dict, out: Path) -> Path:
     return path
 
 
-def _drift_chart(drift: dict, out: Path) -> Path:
+def _per_layer_chart(per_update: dict, path: Path, ylabel: str, title: str, ylim: tuple | None = None) -> Path:
+    """Attention and FFN, one line each per update, over the decoder layers (drift or similarity rows)."""
     fig, ax = plt.subplots(figsize=(6, 3))
-    for update, rows in drift.items():
+    for update, rows in per_update.items():
         layers = [r["layer"] for r in rows]
         ax.plot(layers, [r["attention"] for r in rows], marker="o", label=f"{update} attention")
         ax.plot(layers, [r["ffn"] for r in rows], marker="s", linestyle="--", label=f"{update} FFN")
     ax.set_xlabel("decoder layer")
-    ax.set_ylabel("relative drift")
-    ax.set_xticks(sorted({r["layer"] for rows in drift.values() for r in rows}))
+    ax.set_ylabel(ylabel)
+    ax.set_xticks(sorted({r["layer"] for rows in per_update.values() for r in rows}))
+    if ylim:
+        ax.set_ylim(*ylim)
     ax.legend(fontsize=7)
-    ax.set_title("Weight drift per layer: ||W_new - W_old|| / ||W_old||")
+    ax.set_title(title)
     fig.tight_layout()
-    path = out / "drift.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _drift_chart(drift: dict, out: Path) -> Path:
+    return _per_layer_chart(drift, out / "drift.png", "relative drift",
+                            "Weight drift per layer: ||W_new - W_old|| / ||W_old||")
 
 
 def _similarity_chart(similarity: dict, out: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 3))
-    for update, rows in similarity.items():
-        layers = [r["layer"] for r in rows]
-        ax.plot(layers, [r["attention"] for r in rows], marker="o", label=f"{update} attention")
-        ax.plot(layers, [r["ffn"] for r in rows], marker="s", linestyle="--", label=f"{update} FFN")
-    ax.set_xlabel("decoder layer")
-    ax.set_ylabel("cosine similarity")
-    ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=7)
-    ax.set_title("Sub-layer outputs, old vs new version, on task inputs")
-    fig.tight_layout()
-    path = out / "similarity.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _per_layer_chart(similarity, out / "similarity.png", "cosine similarity",
+                            "Sub-layer outputs, old vs new version, on task inputs", ylim=(0, 1.02))
 
 
 def _table(header: list[str], rows: list[list]) -> tuple[str, str]:

@@ -34,15 +34,20 @@ SHAPES = {  # hidden, FFN, layers, heads
 }
 
 
-def random_base(directory: Path, shape: str) -> tuple[Path, int]:
+def random_llama(shape: str, tokenizer) -> LlamaForCausalLM:
+    """A Llama of ``shape`` with random weights (seed 0) over ``tokenizer``'s vocabulary."""
     hidden, ffn, layers, heads = SHAPES[shape]
-    tokenizer = demo_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=256,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(config)
+    return LlamaForCausalLM(config).eval()
+
+
+def random_base(directory: Path, shape: str) -> tuple[Path, int]:
+    tokenizer = demo_tokenizer()
+    model = random_llama(shape, tokenizer)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory, sum(p.numel() for p in model.parameters())

@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from bench_hotswap import random_llama
 from transpeft.data import load_tasks
 from transpeft.demo.tasks import build_demo_tasks
 from transpeft.demo.tokenizer import demo_tokenizer
@@ -32,16 +32,7 @@ from transpeft.evaluate import exact_match_flags
 from transpeft.methods import MethodConfig, get_method
 from transpeft.train import TrainConfig, train_loop
 
-SHAPES = {"large": (1024, 2816, 16, 16), "quick": (64, 128, 2, 4)}  # hidden, FFN, layers, heads
 MODES = {"fp32": (torch.float32, "fp32"), "bf16-autocast": (torch.float32, "bf16"), "bf16": (torch.bfloat16, "fp32")}
-
-
-def random_base(shape: str, vocab: int) -> LlamaForCausalLM:
-    hidden, ffn, layers, heads = SHAPES[shape]
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
-                                        num_hidden_layers=layers, num_attention_heads=heads,
-                                        num_key_value_heads=heads, max_position_embeddings=256)).eval()
 
 
 def run(base, tokenizer, mode: str, train, evaluate, steps: int, batch: int) -> tuple[float, float]:
@@ -62,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     shape, steps, batch, rows, repeats = ("quick", 2, 4, 8, 1) if args.quick else ("large", 6, 16, 64, 2)
     tokenizer = demo_tokenizer()
-    base = random_base(shape, len(tokenizer))
+    base = random_llama(shape, tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
         build_demo_tasks(Path(tmp), n_train=256, n_eval=rows)
         (task,) = load_tasks(Path(tmp), ["reverse"])

@@ -34,9 +34,10 @@ SHAPES = {  # hidden, FFN, layers, heads
 }
 
 
-def random_llama(shape: str, tokenizer) -> LlamaForCausalLM:
-    """A Llama of ``shape`` with random weights (seed 0) over ``tokenizer``'s vocabulary."""
-    hidden, ffn, layers, heads = SHAPES[shape]
+def random_llama(shape: str | tuple[int, int, int, int], tokenizer) -> LlamaForCausalLM:
+    """A Llama of ``shape`` (a name in SHAPES, or hidden, FFN, layers, heads) with random weights (seed 0)
+    over ``tokenizer``'s vocabulary."""
+    hidden, ffn, layers, heads = SHAPES[shape] if isinstance(shape, str) else shape
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=256,

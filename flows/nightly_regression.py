@@ -27,7 +27,8 @@ class Regressions(RuntimeError):
 def nightly_regression(family: str | None = None, data_dir: str = "pipeline/data", params_file: str = PARAMS) -> dict:
     """Reconcile missed revalidations, then re-evaluate every served adapter (of ``family``, or all)."""
     logger = get_run_logger()
-    uri, tolerance = registry_uri(params_file), load_params(params_file).nightly.tolerance
+    params = load_params(params_file)
+    uri, tolerance = registry_uri(params_file), params.nightly.tolerance
 
     reconciled = []
     for base in find_unrevalidated(uri, family):
@@ -35,7 +36,7 @@ def nightly_regression(family: str | None = None, data_dir: str = "pipeline/data
         state = transfer_on_base_update(base.family, base.version, data_dir, params_file, return_state=True)
         reconciled.append(f"{base.family}/{base.version}: {state.name}")
 
-    checks = [(base, records, score_served.submit(uri, base, records, data_dir, tolerance))
+    checks = [(base, records, score_served.submit(uri, base, records, data_dir, tolerance, params.placement))
               for base, records in find_served(uri, family)]
     results = []
     for base, records, future in checks:  # a base that cannot be scored fails each of its adapters

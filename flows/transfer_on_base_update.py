@@ -27,7 +27,8 @@ def transfer_on_base_update(family: str, version: str, data_dir: str = "pipeline
                             params_file: str = PARAMS) -> dict:
     """Transfer, judge and re-register every adapter of ``family`` on base ``version``."""
     logger = get_run_logger()
-    uri, gate = registry_uri(params_file), load_params(params_file).gate
+    params = load_params(params_file)
+    uri, gate = registry_uri(params_file), params.gate
     revalidation = plan_revalidation(uri, family, version)
     logger.info("%s/%s: %d adapters to carry over, %d already there", family, version,
                 len(revalidation.candidates), len(revalidation.done))
@@ -37,7 +38,8 @@ def transfer_on_base_update(family: str, version: str, data_dir: str = "pipeline
         chains = []
         for candidate in revalidation.candidates:
             files = fetch_adapter.submit(uri, candidate, workdir)
-            outcome = judge_adapter.submit(files, candidate, revalidation.target, data_dir, gate, workdir)
+            outcome = judge_adapter.submit(files, candidate, revalidation.target, data_dir, gate, workdir,
+                                           params.placement)
             chains.append((candidate, (files, outcome, record.submit(uri, parent_run, revalidation.target, outcome))))
         outcomes, crashed = [], []
         for candidate, chain in chains:

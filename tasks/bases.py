@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import task
 
-from transpeft.bases import BaseRef, load_base
+from transpeft.bases import BaseRef, describe_base
 from transpeft.events import base_registered_event, emit
 from transpeft.tracking import BaseRecord, Registry
 
@@ -13,8 +13,9 @@ from . import IO
 
 @task(**IO)
 def register(uri: str, ref: BaseRef, parent: str | None) -> BaseRecord:
-    """Load the base (fingerprint) and register it; the same base again is a no-op."""
-    _, _, info = load_base(ref)
+    """Fingerprint the base (its files; the weights are not loaded) and register it; the same base again
+    is a no-op."""
+    _, _, info = describe_base(ref)
     return Registry(uri).register_base(info, parent=parent)
 
 

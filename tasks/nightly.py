@@ -10,6 +10,7 @@ from prefect import task
 from transpeft.bases import BaseRef, lend_base
 from transpeft.data import load_tasks
 from transpeft.nightly import record_nightly, regressions, served, unrevalidated
+from transpeft.placement import Placement, placed
 from transpeft.tracking import AdapterRecord, BaseRecord, Registry
 from transpeft.transfer import transfer_fleet
 
@@ -31,13 +32,14 @@ def find_served(uri: str, family: str | None) -> list[tuple[BaseRecord, list[Ada
 
 
 @task(**CRASH, task_run_name="score {base.family}/{base.version}")
-def score_served(uri: str, base: BaseRecord, records: list[AdapterRecord], data_dir: str,
-                 tolerance: float) -> list[dict]:
-    """Every adapter served on ``base`` re-evaluated (base loaded once), compared with its baseline."""
+def score_served(uri: str, base: BaseRecord, records: list[AdapterRecord], data_dir: str, tolerance: float,
+                 placement: Placement = Placement()) -> list[dict]:
+    """Every adapter served on ``base`` re-evaluated (base loaded once, on ``placement``), compared
+    with its baseline."""
     registry = Registry(uri)
     results = []
     with tempfile.TemporaryDirectory(prefix="nightly-") as tmp, \
-            lend_base(BaseRef(base.source, base.revision, base.family, base.version)) as slot:
+            lend_base(BaseRef(base.source, base.revision, base.family, base.version), placement=placement) as slot:
         dirs = {r.name: registry.download_adapter(r, Path(tmp) / r.name) for r in records}
         tasks = load_tasks(data_dir, sorted({t for r in records for t in r.metrics}))
         outcomes = transfer_fleet(slot.model, slot.tokenizer, slot.info, list(dirs.values()), tasks)
@@ -50,7 +52,7 @@ def score_served(uri: str, base: BaseRecord, records: list[AdapterRecord], data_
                 lines.insert(0, f"base {base.version} changed since registration (fingerprint {slot.info.fingerprint})")
             results.append({"adapter": r.name, "base_family": base.family, "base_version": base.version,
                             "model_version": r.model_version, "baseline": r.metrics, "current": current,
-                            "regressions": lines})
+                            "regressions": lines, "placement": placed(slot.model)})
     return results
 
 

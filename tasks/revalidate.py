@@ -9,6 +9,7 @@ from prefect import task
 
 from transpeft.bases import BaseRef, lend_base
 from transpeft.params import Gate
+from transpeft.placement import Placement
 from transpeft.revalidate import (Candidate, Outcome, Plan, close_revalidation, open_revalidation, plan,
                                   record_outcome, revalidate)
 from transpeft.tracking import BaseRecord, Registry
@@ -36,7 +37,7 @@ def fetch_adapter(uri: str, candidate: Candidate, workdir: str) -> str:
 
 @task(**CRASH, task_run_name="judge {candidate.name}")
 def judge_adapter(adapter_dir: str, candidate: Candidate, target: BaseRecord, data_dir: str, gate: Gate,
-                  workdir: str) -> dict:
+                  workdir: str, placement: Placement = Placement()) -> dict:
     """Transfer, evaluate, gate, and re-tune or flag one adapter.
 
     A bad adapter, a mismatch or a diverged re-tune is an outcome; what raises is a crash (out of
@@ -44,7 +45,7 @@ def judge_adapter(adapter_dir: str, candidate: Candidate, target: BaseRecord, da
     """
     ref = BaseRef(target.source, target.revision, target.family, target.version)
     try:
-        with lend_base(ref, target.fingerprint) as slot:  # an exception drops the lent instance
+        with lend_base(ref, target.fingerprint, placement) as slot:  # an exception drops the lent instance
             outcome = revalidate(slot, Path(adapter_dir), candidate, Path(data_dir), gate,
                                  Path(workdir) / candidate.name)
     except torch.OutOfMemoryError:

@@ -31,7 +31,8 @@ def finetune_adapter(uri: str, task_name: str, run: str, data_dir: str, params_f
         return {"adapter": name, "base_version": spec.base, "model_version": existing[-1].model_version,
                 "metrics": existing[-1].metrics, "skipped": True}
     task_data = load_task(Path(data_dir) / task_name)
-    with tempfile.TemporaryDirectory() as tmp, lend_base(base_ref(params.bases, spec.base), base.fingerprint) as slot:
+    with tempfile.TemporaryDirectory() as tmp, lend_base(base_ref(params.bases, spec.base), base.fingerprint,
+                                                                        params.placement) as slot:
         out = Path(tmp) / name
         adapted, manifest, _ = train_adapter(slot.model, slot.tokenizer, slot.info, [task_data], params.train.method,
                                              params.train.config(run), out, progress=False)

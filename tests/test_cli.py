@@ -58,6 +58,24 @@ def test_train_evaluate_and_transfer(demo):
     assert ": compatible (bases/v1 -> bases/v2; old metric recorded at training)" in text
 
 
+def test_dtype_bf16_runs_training_evaluation_and_transfer_on_bf16_weights(demo, tmp_path):
+    common = ("--data", demo / "data", "--dtype", "bf16", "--device", "cpu", "--json")
+    trained = json.loads(cli("train", "--base", demo / "bases/v1", "--tasks", "reverse", "--steps", 2,
+                             "--batch-size", 4, "--out", tmp_path / "adapter", *common).stdout)
+    evaluated = json.loads(cli("evaluate", "--base", demo / "bases/v1", tmp_path / "adapter", *common).stdout)
+    moved = json.loads(cli("transfer", tmp_path / "adapter", "--from", demo / "bases/v1", "--to", demo / "bases/v2",
+                           *common).stdout)
+    assert trained["placement"] == evaluated["placement"] == moved["placement"] == "cpu bfloat16"
+    assert json.loads(cli("evaluate", "--base", demo / "bases/v1", tmp_path / "adapter", "--data", demo / "data",
+                          "--dtype", "fp32", "--json").stdout)["placement"] == "cpu float32"
+
+
+def test_an_unknown_device_is_refused_by_name(demo, tmp_path):
+    done = cli("evaluate", "--base", demo / "bases/v1", tmp_path, "--data", demo / "data", "--device", "tpu:0",
+               check=False)
+    assert done.returncode == 2 and "device 'tpu:0'" in done.stderr
+
+
 def test_transfer_onto_an_incompatible_base_exits_3_naming_the_mismatch(demo, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
 

@@ -69,6 +69,7 @@ def write_params(root: Path, uri: str, gate: dict, name: str) -> str:
     params["train"]["runs"] = {"plain-v1": {"base": "v1"}, "tp-v1": {"base": "v1", "p_c": 0.1}}
     params["gate"] = gate
     params["tracking"] = {"uri": uri}
+    params["placement"] = {"device": "cpu", "dtype": "bf16"}  # every flow step must load the bases so
     path = root / name
     path.write_text(yaml.safe_dump(params))
     return str(path)
@@ -85,8 +86,11 @@ def test_finetune_trains_and_registers_the_grid_once(project, mlflow_server):
     assert not any(r["skipped"] for r in first)
     again = finetune_adapters(version="v1", data_dir=str(project / "data"), params_file=params)
     assert all(r["skipped"] for r in again)
-    records = Registry(mlflow_server.url).adapters()
+    registry = Registry(mlflow_server.url)
+    records = registry.adapters()
     assert all(len(rows) == 1 and rows[0].status == "trained" and rows[0].serving for rows in records.values())
+    assert {registry.client.get_run(rows[0].run_id).data.params["placement"] for rows in records.values()} == \
+        {"cpu bfloat16"}
 
 
 def test_transfer_registers_passing_adapters_once(project, mlflow_server):
@@ -102,6 +106,8 @@ def test_transfer_registers_passing_adapters_once(project, mlflow_server):
         assert len(on_v2) == 1 and on_v2[0].status == "transferred" and on_v2[0].serving
         assert on_v2[0].transferred_from == "v1"
     assert registry.base("demo", "v2").revalidation == "done"
+    children = registry.client.search_runs([registry._experiment("transfer")], "tags.base_version = 'v2'")
+    assert {r.data.tags.get("placement") for r in children if "adapter" in r.data.tags} == {"cpu bfloat16"}
 
     again = transfer_on_base_update("demo", "v2", str(project / "data"), params)
     assert again["already_done"] == 4 and again["passed"] == 0
@@ -164,6 +170,7 @@ def test_nightly_reconciles_and_reports_regressions(project, mlflow_server):
     (run,) = registry.client.search_runs([registry._experiment("nightly")])
     assert run.info.status == "FAILED" and run.data.metrics["regressions"] == 1
     assert run.data.metrics["adapters"] == 4 + 4 + 3  # served on v1, v2 and v4
+    assert run.data.tags["placement"] == "cpu bfloat16"
 
 
 @pytest.mark.parametrize("error, retried", [

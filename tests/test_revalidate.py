@@ -6,6 +6,7 @@ from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from torch import nn
 
@@ -72,6 +73,22 @@ def test_failing_adapter_is_retuned_from_its_transferred_weights(trained):
     assert load_file(f"{outcome.adapter_dir}/{WEIGHTS_NAME}").keys() == load_file(
         str(trained.root / "adapter" / WEIGHTS_NAME)).keys()
     assert lora_layers(slot.model) == 0  # the lent base comes back bare
+
+
+def test_a_bf16_base_is_scored_and_retuned_in_bf16(trained):
+    slot = new_base(trained)
+    slot.model.to(torch.bfloat16)
+    seen = set()
+    down = slot.model.model.layers[0].mlp.down_proj  # runs in zero-shot, transferred scoring and re-tuning
+    hook = down.register_forward_pre_hook(lambda module, args: seen.add((module.weight.dtype, args[0].dtype)))
+    try:
+        outcome = revalidate(slot, trained.root / "adapter", trained.candidate, trained.root / "data", GATE,
+                             trained.root / "work-bf16")
+    finally:
+        hook.remove()
+    assert outcome.retuned is not None and outcome.placement == "cpu bfloat16"
+    assert read_manifest(trained.root / "work-bf16" / "ack-bot-retuned").training["placement"] == "cpu bfloat16"
+    assert seen == {(torch.bfloat16, torch.bfloat16)}
 
 
 def test_flag_policy_keeps_the_transferred_adapter_unchanged(trained):

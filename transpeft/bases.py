@@ -1,8 +1,9 @@
 """Base models: where they come from, how they load, and what identifies them.
 
 A base is a local model directory or a hub id pinned to a revision. Its fingerprint hashes its
-config, tokenizer and weights, so two bases with the same name but different contents never pass
-for each other. Its signature holds what an adapter depends on: architecture, sizes, vocabulary.
+config, tokenizer and weights files, so two bases with the same name but different contents never
+pass for each other, while one base loaded in bf16 on a GPU keeps the fingerprint it was registered
+with from a CPU in fp32. Its signature holds what an adapter depends on: architecture, sizes, vocabulary.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
+
+from .placement import Placement
 
 # Config fields that say where or how a model was saved, not what it computes.
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures"}
@@ -94,6 +97,7 @@ def config_hash(config) -> str:
 
 
 def weights_hash(model: torch.nn.Module) -> str:
+    """Hash of an in-memory model's tensors, for a model that has no files (tests, fresh builds)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode() + b"\0" + str(tensor.dtype).encode() + str(tuple(tensor.shape)).encode())
@@ -101,10 +105,22 @@ def weights_hash(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def files_hash(files: list[Path]) -> str:
+    """Hash of a base's safetensors files as stored: the same whatever dtype or device it is loaded in."""
+    digest = hashlib.sha256()
+    for path in files:
+        with path.open("rb") as f:
+            digest.update(path.name.encode() + b"\0" + hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
+
+
+def _fingerprint(config, tokenizer, weights: str) -> str:
+    return "sha256:" + hashlib.sha256("|".join((config_hash(config), tokenizer_hash(tokenizer), weights)).encode()).hexdigest()
+
+
 def fingerprint(model: torch.nn.Module, tokenizer) -> str:
-    """sha256 over the config, tokenizer and weights hashes, prefixed for readability."""
-    parts = (config_hash(model.config), tokenizer_hash(tokenizer), weights_hash(model))
-    return "sha256:" + hashlib.sha256("|".join(parts).encode()).hexdigest()
+    """sha256 over the config, tokenizer and weights hashes of an in-memory model."""
+    return _fingerprint(model.config, tokenizer, weights_hash(model))
 
 
 def signature(model: torch.nn.Module, tokenizer) -> BaseSignature:
@@ -119,28 +135,58 @@ def signature(model: torch.nn.Module, tokenizer) -> BaseSignature:
     )
 
 
-def load_base(ref: BaseRef, dtype: torch.dtype = torch.float32, device: str | None = None):
-    """(model, tokenizer, BaseInfo) for a base; weights only from safetensors."""
+def _weight_files(ref: BaseRef) -> list[Path]:
+    if ref.is_local:
+        root = Path(ref.source)
+    else:  # fetched once into the hub cache (from_pretrained reads the same files)
+        from huggingface_hub import snapshot_download
+
+        root = Path(snapshot_download(ref.source, revision=ref.revision, allow_patterns=["*.safetensors"]))
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise BaseLoadError(f"base {ref.source!r}: no *.safetensors weights in {root}; weights load only from "
+                            "safetensors: convert them with save_pretrained(dir, safe_serialization=True)")
+    return files
+
+
+def describe_base(ref: BaseRef):
+    """(config, tokenizer, BaseInfo) for a base, without loading its weights: registering a 7B base
+    hashes its files and builds its skeleton on the meta device, in seconds and no memory."""
     if not ref.is_local and ref.revision is None:
         raise BaseLoadError(f"base {ref.source!r}: no such directory; for a hub model give its id "
                             "and pin a revision (commit hash or tag)")
-    hf_logging.disable_progress_bar()  # a per-tensor bar for a small model is noise; ours show the long steps
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref.source, revision=ref.revision)
-        model = AutoModelForCausalLM.from_pretrained(ref.source, revision=ref.revision, dtype=dtype,
-                                                     use_safetensors=True)
+        config = AutoConfig.from_pretrained(ref.source, revision=ref.revision)
+        files = _weight_files(ref)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
     except (OSError, ValueError) as e:
         raise BaseLoadError(f"could not load base {ref.source!r}"
                             f"{f' at revision {ref.revision}' if ref.revision else ''}: {e}") from e
-    if device:
-        model.to(device)
-    model.eval()
     info = BaseInfo(  # a local source is recorded absolute: workers elsewhere in the tree load it too
         family=ref.resolved_family(), version=ref.resolved_version(),
         source=str(Path(ref.source).resolve()) if ref.is_local else ref.source,
-        revision=ref.revision, fingerprint=fingerprint(model, tokenizer), signature=signature(model, tokenizer),
+        revision=ref.revision, fingerprint=_fingerprint(config, tokenizer, files_hash(files)),
+        signature=signature(skeleton, tokenizer),
     )
-    return model, tokenizer, info
+    return config, tokenizer, info
+
+
+def load_base(ref: BaseRef, placement: Placement = Placement()):
+    """(model, tokenizer, BaseInfo) for a base, its weights (only from safetensors) on the placement's
+    device in its dtype, ready for evaluation."""
+    hf_logging.disable_progress_bar()  # a per-tensor bar for a small model is noise; ours show the long steps
+    config, tokenizer, info = describe_base(ref)
+    device, dtype = placement.resolve(config)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            ref.source, revision=ref.revision, dtype=dtype, use_safetensors=True,
+            device_map=None if device.type == "cpu" else device)  # straight onto the GPU, no CPU copy
+    except (OSError, ValueError) as e:
+        raise BaseLoadError(f"could not load base {ref.source!r}"
+                            f"{f' at revision {ref.revision}' if ref.revision else ''}: {e}") from e
+    return model.eval(), tokenizer, info
 
 
 class BaseLender:
@@ -154,19 +200,21 @@ class BaseLender:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._idle: dict[BaseRef, list] = {}
-        self._loading: dict[BaseRef, threading.Lock] = {}
+        self._idle: dict[tuple[BaseRef, Placement], list] = {}
+        self._loading: dict[tuple[BaseRef, Placement], threading.Lock] = {}
 
     @contextmanager
-    def borrow(self, ref: BaseRef, fingerprint: str | None = None):
-        """An instance of the base; with ``fingerprint``, only if the weights are still the registered ones."""
+    def borrow(self, ref: BaseRef, fingerprint: str | None = None, placement: Placement = Placement()):
+        """An instance of the base on ``placement``; with ``fingerprint``, only if the weights are
+        still the registered ones."""
+        key = (ref, placement)
         with self._lock:
-            idle = self._idle.setdefault(ref, [])
+            idle = self._idle.setdefault(key, [])
             slot = idle.pop() if idle else None
-            loading = self._loading.setdefault(ref, threading.Lock())
+            loading = self._loading.setdefault(key, threading.Lock())
         if slot is None:
             with loading:  # one load at a time per base: a second slot waits instead of doubling the I/O
-                model, tokenizer, info = load_base(ref)
+                model, tokenizer, info = load_base(ref, placement)
             slot = SimpleNamespace(model=model, tokenizer=tokenizer, info=info)
         if fingerprint is not None and slot.info.fingerprint != fingerprint:
             raise BaseLoadError(f"base {ref.family}/{ref.version} at {ref.source} is not the registered one "
@@ -175,12 +223,12 @@ class BaseLender:
         yield slot
         if not getattr(slot, "broken", False):
             with self._lock:
-                self._idle[ref].append(slot)
+                self._idle[key].append(slot)
 
 
 _LENDER = BaseLender()  # one per process: Prefect threads share it, each Dask worker process has its own
 
 
-def lend_base(ref: BaseRef, fingerprint: str | None = None):
+def lend_base(ref: BaseRef, fingerprint: str | None = None, placement: Placement = Placement()):
     """This process's lender's ``borrow``: ``with lend_base(ref) as slot: slot.model ...``."""
-    return _LENDER.borrow(ref, fingerprint)
+    return _LENDER.borrow(ref, fingerprint, placement)

@@ -45,6 +45,23 @@ def _base_ref(args, dest: str = "base"):
                    getattr(args, f"{dest}_family"), getattr(args, f"{dest}_version"))
 
 
+def _add_placement(p: argparse.ArgumentParser, default: str = "auto") -> None:
+    from .placement import CPU_BF16_MIN_HIDDEN, DTYPES
+
+    p.add_argument("--device", help=f"cpu, cuda or cuda:<index> (default: {default}; auto: the GPU if there is one)")
+    p.add_argument("--dtype", choices=("auto", *DTYPES),
+                   help=f"the base weights' dtype (default: {default}; auto: bf16 on a GPU, and on a CPU with bf16 "
+                        f"kernels for bases {CPU_BF16_MIN_HIDDEN} wide or more, else fp32)")
+
+
+def _placement(args, default=None):
+    """The --device/--dtype choice, each falling back to ``default`` (a Placement) or auto."""
+    from .placement import Placement
+
+    default = default or Placement()
+    return Placement(args.device or default.device, args.dtype or default.dtype)
+
+
 def _add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
 
@@ -98,9 +115,9 @@ def cmd_bases_build_demo(args) -> int:
 
 
 def cmd_bases_fingerprint(args) -> int:
-    from .bases import load_base
+    from .bases import describe_base
 
-    _, _, info = load_base(_base_ref(args))
+    _, _, info = describe_base(_base_ref(args))
     _emit(args, info.as_dict(), f"{info.family}/{info.version}  {info.fingerprint}")
     return 0
 
@@ -134,12 +151,13 @@ def cmd_train(args) -> int:
     method = _from_args(MethodConfig, args, name="method")
     config = _from_args(TrainConfig, args)
     tasks = load_tasks(args.data, args.tasks)
-    model, tokenizer, base = load_base(_base_ref(args))
+    model, tokenizer, base = load_base(_base_ref(args), _placement(args))
     registry = _registry(args)
     if registry:  # refuse before spending the training time
         registry.base(base.family, base.version)
     _, manifest, result = train_adapter(model, tokenizer, base, tasks, method, config, args.out, progress=not args.json)
-    payload = {"adapter": args.out, "base": f"{base.family}/{base.version}", "metrics": manifest.metrics,
+    payload = {"adapter": args.out, "base": f"{base.family}/{base.version}", "placement": manifest.training["placement"],
+               "metrics": manifest.metrics,
                "final_loss": result.losses[-1], "seconds": round(result.seconds, 1),
                "tokens_per_second": round(result.tokens_per_second)}
     if registry:
@@ -170,10 +188,11 @@ def cmd_evaluate(args) -> int:
     from .bases import load_base
     from .data import load_tasks
     from .evaluate import evaluate_adapters
+    from .placement import placed
 
     tasks = load_tasks(args.data, args.tasks)
     registry = _registry(args)  # checked reachable before the work starts
-    model, tokenizer, base = load_base(_base_ref(args))
+    model, tokenizer, base = load_base(_base_ref(args), _placement(args))
     results = evaluate_adapters(model, tokenizer, base, [Path(a) for a in args.adapters], tasks,
                                 batch_size=args.batch_size, progress=not args.json)
     text = []
@@ -184,28 +203,30 @@ def cmd_evaluate(args) -> int:
             registry.log_evaluation(adapter_name(Path(adapter)), base, rows)
         text.append(f"== {adapter} on {base.family}/{base.version}")
         text.append(f"error: {rows['error']}" if "error" in rows else _metrics_table(rows))
-    _emit(args, {"base": base.as_dict(), "results": results}, "\n".join(text))
+    _emit(args, {"base": base.as_dict(), "placement": placed(model), "results": results}, "\n".join(text))
     return EXIT_ERROR if any("error" in r for r in results.values()) else 0
 
 
 def cmd_transfer(args) -> int:
     from .bases import load_base
     from .data import load_tasks
+    from .placement import placed
     from .transfer import transfer_fleet
 
     tasks = load_tasks(args.data)
     registry = _registry(args)
     old_metrics, old_label = None, "recorded at training"
     if args.source:
-        model, tokenizer, base = load_base(_base_ref(args, "source"))
+        model, tokenizer, base = load_base(_base_ref(args, "source"), _placement(args))
         old_metrics = {k: v["new"] for k, v in transfer_fleet(model, tokenizer, base, args.adapters, tasks).items()
                        if v["verdict"] == "compatible"}
         old_label = f"{base.family}/{base.version}"
-    model, tokenizer, target = load_base(_base_ref(args, "target"))
+    model, tokenizer, target = load_base(_base_ref(args, "target"), _placement(args))
     if registry:
         registry.base(target.family, target.version)
     outcomes = transfer_fleet(model, tokenizer, target, args.adapters, tasks, old_metrics, progress=not args.json)
-    payload = {"new_base": f"{target.family}/{target.version}", "old_metric": old_label, "adapters": outcomes}
+    payload = {"new_base": f"{target.family}/{target.version}", "placement": placed(model), "old_metric": old_label,
+               "adapters": outcomes}
     if registry:
         from .tracking import record_update
 
@@ -228,7 +249,7 @@ def cmd_transfer(args) -> int:
 def cmd_bases_register(args) -> int:
     import os
 
-    from .bases import load_base
+    from .bases import describe_base
     from .events import (BASE_REGISTERED, TRANSFER_DEPLOYMENT, EventNotDelivered, base_registered_event,
                          check_reachable, emit, prefect_api_url)
 
@@ -238,7 +259,7 @@ def cmd_bases_register(args) -> int:
     api_url = None if args.no_event else prefect_api_url(args.prefect_api_url)
     if api_url:
         check_reachable(api_url)  # before registering, so the common failure changes nothing
-    _, _, info = load_base(_base_ref(args))
+    _, _, info = describe_base(_base_ref(args))
     record = registry.register_base(info, parent=args.parent)
     payload = dict(record.__dict__)
     text = (f"registered base {record.family}/{record.version} as base-{record.family} "
@@ -335,8 +356,7 @@ def cmd_study(args) -> int:
         return 0
     versions = sorted({v for pair in config.pairs for v in pair})
     inputs = Inputs(bases={v: str(Path(args.bases) / v) for v in versions}, family=params.bases.family,
-                    data=args.data, workdir=args.workdir,
-                    device=args.device, dtype=args.dtype)
+                    data=args.data, workdir=args.workdir, placement=_placement(args, params.placement))
     summary = run_study(config, inputs, Path(args.out), say=say)
     from .study_results import main_table
 
@@ -449,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="lora", help="PEFT method: lora, dora, ia3, bottleneck (default: lora)")
     _add_dataclass_flags(p, MethodConfig, skip=("name",))
     _add_dataclass_flags(p, TrainConfig)
+    _add_placement(p)
     _add_tracking(p)
     _add_json(p)
     p.set_defaults(func=cmd_train)
@@ -460,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tasks(p)
     p.add_argument("adapters", nargs="+", help="adapter folders")
     p.add_argument("--batch-size", type=int, default=32)
+    _add_placement(p)
     _add_tracking(p)
     _add_json(p)
     p.set_defaults(func=cmd_evaluate)
@@ -471,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_base(p, "--to", dest="target", what="new base")
     _add_base(p, "--from", dest="source", required=False, what="old base (default: the metrics recorded at training)")
     p.add_argument("--data", required=True, help="folder of task folders")
+    _add_placement(p)
     _add_tracking(p)
     _add_json(p)
     p.set_defaults(func=cmd_transfer)
@@ -499,8 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=lambda s: tuple(int(x) for x in s.split(",")), help="comma-separated seeds")
     p.add_argument("--steps", type=int, help="adapter training steps (default: study.steps)")
     p.add_argument("--workers", type=int, help="parallel training processes (default: study.workers)")
-    p.add_argument("--device", help="cpu or cuda (default: the library's choice)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="base weights' dtype")
+    _add_placement(p, "params.yaml's placement")
     _add_tracking(p)
     _add_json(p)
     p.set_defaults(func=cmd_study)
@@ -538,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     from .bases import BaseLoadError
     from .data import DataError
     from .events import EventNotDelivered
+    from .placement import PlacementError
     from .regularisers import NoFFNFound
     from .tracking import NotRegistered, RegistryConflict, TrackingUnavailable
     from .train import TrainingDiverged
@@ -551,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     except IncompatibleBase as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INCOMPATIBLE
-    except (AdapterFileError, BaseLoadError, DataError, EventNotDelivered, NoFFNFound, TrainingDiverged,
+    except (AdapterFileError, BaseLoadError, DataError, EventNotDelivered, NoFFNFound, PlacementError, TrainingDiverged,
             TrackingUnavailable, NotRegistered, RegistryConflict, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR

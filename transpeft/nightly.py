@@ -45,7 +45,9 @@ def record_nightly(registry: Registry, results: list[dict], tolerance: float) ->
     run = registry.start_run("nightly", time.strftime("nightly %Y-%m-%d %H:%M"), {"tolerance": tolerance})
     metrics = {f"{r['adapter']}.{r['base_version']}.{task}": v for r in results for task, v in r["current"].items()}
     failing = [r for r in results if r["regressions"]]
-    registry.log(run, metrics={**metrics, "adapters": len(results), "regressions": len(failing)})
+    placements = sorted({r["placement"] for r in results if r.get("placement")})
+    registry.log(run, metrics={**metrics, "adapters": len(results), "regressions": len(failing)},
+                 tags={"placement": ", ".join(placements)})
     lines = ["# Nightly regressions", "", f"{len(failing)} of {len(results)} served adapters regressed "
              f"(tolerance {tolerance}).", ""]
     lines += [f"- {r['adapter']} on {r['base_family']}/{r['base_version']}: {'; '.join(r['regressions'])}"

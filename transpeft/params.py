@@ -1,7 +1,8 @@
 """params.yaml as typed, validated objects: configuration enters once, here.
 
 Each top-level key belongs to one dvc.yaml stage of the same name (prepare, bases, train, transfer,
-report) or to the Prefect side (gate, nightly, fanout, tracking). A bad value fails on load with the key's
+report) or to the Prefect side (gate, nightly, fanout, tracking); ``placement`` (device and dtype)
+to every stage and flow that runs a model. A bad value fails on load with the key's
 path, e.g. ``params.yaml: train.runs.transpeft-v1.p_c must be in [0, 1), got 1.5``.
 """
 
@@ -14,6 +15,7 @@ import yaml
 
 from . import defaults
 from .methods import MethodConfig
+from .placement import Placement
 from .study import StudyConfig
 from .train import TrainConfig
 
@@ -102,6 +104,7 @@ class Params:
     nightly: Nightly = Nightly()
     fanout: Fanout = Fanout()
     study: StudyConfig | None = None
+    placement: Placement = Placement()
 
 
 def _build(cls, raw, where: str):
@@ -159,7 +162,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ParamsError(f"params.yaml: nightly.cron must be a 5-field cron expression, got {nightly.cron!r}")
     return Params(prepare=_build(Prepare, raw["prepare"], "prepare"), bases=bases, train=train,
                   transfer=raw.get("transfer") or {}, report=raw.get("report") or {}, gate=gate,
-                  tracking=raw.get("tracking") or {}, nightly=nightly, fanout=fanout, study=study)
+                  tracking=raw.get("tracking") or {}, nightly=nightly, fanout=fanout, study=study,
+                  placement=_build(Placement, raw.get("placement") or {}, "placement"))
 
 
 def _study(raw: dict, bases: Bases) -> StudyConfig:

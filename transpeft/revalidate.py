@@ -26,6 +26,7 @@ from .bases import BaseInfo
 from .data import DataError, Task, load_tasks
 from .evaluate import evaluate
 from .params import Gate
+from .placement import placed
 from .tracking import AdapterRecord, BaseRecord, NotRegistered, Registry
 from .train import TrainConfig, TrainingDiverged, train_adapter
 from .transfer import IncompatibleBase, load_adapter, unload_adapter
@@ -104,6 +105,7 @@ class Outcome:
     retuned: dict[str, float] | None = None  # after re-tuning, when it was re-tuned
     adapter_dir: str | None = None  # the files to register on the new base (None when failed)
     seconds: dict[str, float] = field(default_factory=dict)  # evaluate, retune
+    placement: str = ""  # where the base ran, e.g. "cuda:0 bfloat16"
 
     @property
     def served_scores(self) -> dict[str, float]:
@@ -152,6 +154,7 @@ def revalidate(slot, adapter_dir: Path, candidate: Candidate, data_dir: Path, ga
     re-tune or flag it as the gate says. ``slot.model`` is the bare base again afterwards."""
     outcome = Outcome(candidate.name, candidate.source.base_version, "failed", old=dict(candidate.source.metrics))
     target = slot.info
+    outcome.placement = placed(slot.model)
     started = time.perf_counter()
     try:
         manifest = read_manifest(adapter_dir)
@@ -219,7 +222,7 @@ def record_outcome(registry: Registry, parent_run: str, target: BaseRecord, outc
     when it passed or was re-tuned, kept unserved (status failed-gate) when flagged."""
     child = registry.start_run("transfer", f"{outcome.adapter} -> {target.family}/{target.version}", {
         "adapter": outcome.adapter, "base_version": target.version, "source_version": outcome.source_version,
-        "decision": outcome.decision}, parent_run_id=parent_run)
+        "decision": outcome.decision, "placement": outcome.placement}, parent_run_id=parent_run)
     metrics = {f"{kind}.{task}": value for kind, values in (
         ("old_exact_match", outcome.old), ("exact_match", outcome.new), ("zero_shot", outcome.zero_shot),
         ("retuned_exact_match", outcome.retuned or {})) for task, value in values.items()}

@@ -35,6 +35,7 @@ from typing import Callable
 
 from .defaults import ALL_LINEAR
 from .methods import MethodConfig
+from .placement import Placement
 from .train import TrainConfig
 
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")  # the reference scripts' LoRA targets
@@ -138,8 +139,7 @@ class Inputs:
     family: str
     data: str
     workdir: str
-    device: str | None = None
-    dtype: str = "float32"
+    placement: Placement = Placement()
 
 
 def _sha256_file(path: Path) -> str:
@@ -179,10 +179,8 @@ def _base(version: str):
 
     inputs: Inputs = _STATE["inputs"]
     if version not in _STATE["bases"]:
-        import torch
-
         _STATE["bases"][version] = list(load_base(BaseRef(inputs.bases[version], family=inputs.family, version=version),
-                                                  dtype=getattr(torch, inputs.dtype), device=inputs.device))
+                                                  inputs.placement))
     return _STATE["bases"][version]
 
 
@@ -333,7 +331,18 @@ def base_identity(inputs: Inputs, versions: list[str]) -> dict:
             raise FileNotFoundError(f"base {version}: no safetensors weights in {inputs.bases[version]}")
         identity[version] = [_sha256_file(f) for f in files]
     identity["data"] = {t.name: t.content_hash for t in load_tasks(inputs.data)}
+    identity["placement"] = _resolved_placement(inputs, versions)  # bf16 on a GPU scores differently
     return identity
+
+
+def _resolved_placement(inputs: Inputs, versions: list[str]) -> dict[str, str]:
+    from transformers import AutoConfig
+
+    resolved = {}
+    for version in versions:
+        device, dtype = inputs.placement.resolve(AutoConfig.from_pretrained(inputs.bases[version]))
+        resolved[version] = f"{device.type} {dtype}".replace("torch.", "")
+    return resolved
 
 
 def run_study(config: StudyConfig, inputs: Inputs, out: Path, say: Callable[[str], None] = print) -> dict:

@@ -179,8 +179,8 @@ class Registry:
 
     def adopt_base(self, family: str, version: str) -> BaseRecord:
         """A base version created straight in MLflow (UI or API) with tags ``base_version`` and
-        ``source`` (a directory, or a hub id with ``revision``): loaded, fingerprinted, made ready."""
-        from .bases import BaseRef, load_base
+        ``source`` (a directory, or a hub id with ``revision``): fingerprinted, made ready."""
+        from .bases import BaseRef, describe_base
 
         found = [mv for mv in self._versions(BASE_PREFIX + family)
                  if mv.tags.get("base_version", mv.version) == version and mv.tags.get("status") != "ready"]
@@ -190,7 +190,7 @@ class Registry:
                 f"version of base-{family} with tags base_version={version} and source=<directory or hub id> "
                 f"(and revision=<commit> for a hub id), or use `transpeft bases register`")
         mv = found[-1]
-        _, _, info = load_base(BaseRef(mv.tags["source"], mv.tags.get("revision") or None, family, version))
+        _, _, info = describe_base(BaseRef(mv.tags["source"], mv.tags.get("revision") or None, family, version))
         parent = mv.tags.get("parent") or None
         for key, value in (("base_version", version), ("fingerprint", info.fingerprint), ("source", info.source),
                            ("parent", parent or ""), ("status", "ready")):

@@ -2,7 +2,8 @@
 
 ``train_adapter`` is the whole recipe (seed -> attach method -> train with the regularisers ->
 evaluate -> save atomically); ``train_loop`` is the loop itself, which knows nothing of the
-regularisers' inside. It runs on accelerate, in fp32 on the CPU and under bf16 autocast on a GPU.
+regularisers' inside. It runs on accelerate, on the device the base was loaded on, under bf16
+autocast on a GPU (``precision``) whatever the weights' dtype.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .batching import collate, encode, special_ids
 from .data import Example, Task
 from .evaluate import evaluate
 from .methods import MethodConfig, get_method
+from .placement import placed
 from .regularisers import attach_regularisers
 from .seeding import Replay, private_dropout, seeded, shared_draws
 
@@ -113,7 +115,9 @@ def train_loop(model, tokenizer, examples: list[Example], config: TrainConfig, p
     ddp = DistributedDataParallelKwargs(find_unused_parameters=config.p_c > 0)
     # Precision is applied here, by autocast, not by accelerate: its state is one per process, so a
     # second training in another precision (the fan-out, a worker's next run) would be refused.
-    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, kwargs_handlers=[ddp])
+    # The model stays where load_base placed it: a base put on the CPU is not moved to a GPU.
+    on_cpu = next(model.parameters()).device.type == "cpu" and torch.cuda.is_available()
+    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, kwargs_handlers=[ddp], cpu=on_cpu)
     bf16 = _bf16(config.precision, accelerator.device)
     # Under `accelerate launch` with several processes each draws its own batches (data parallel;
     # DDP averages the gradients); a single process draws exactly what it always did.
@@ -211,7 +215,7 @@ def train_adapter(base_model, tokenizer, base: BaseInfo, tasks: list[Task], meth
         method=method, base=base, tasks=tuple(t.name for t in tasks), dataset_hash=dataset_hash(tasks),
         p_i=config.p_i, p_c=config.p_c, seed=config.seed, targets=adapted_targets(model),
         training={**asdict(config), "final_loss": result.losses[-1], "tokens": result.tokens,
-                  "seconds": round(result.seconds, 2), "ffn_dropped": result.ffn_dropped,
+                  "seconds": round(result.seconds, 2), "ffn_dropped": result.ffn_dropped, "placement": placed(model),
                   "warm_start": str(warm_start) if warm_start else None,
                   "loss_curve": [round(x, 5) for x in result.losses]},
         metrics=metrics, library_versions=library_versions(),

@@ -32,7 +32,8 @@ def main() -> int:
     if not_local:
         print(f"the study loads bases from local directories; not found: {', '.join(not_local)}", file=sys.stderr)
         return 1
-    inputs = Inputs(bases=sources, family=params.bases.family, data=str(DATA), workdir=str(PIPELINE / "study"))
+    inputs = Inputs(bases=sources, family=params.bases.family, data=str(DATA), workdir=str(PIPELINE / "study"),
+                    placement=params.placement)
     summary = run_study(params.study, inputs, STUDY)
     uri = params.tracking.get("uri") or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run = params.train.runs[args.run]
     task = load_task(DATA / args.task)
-    model, tokenizer, base = load_base(base_ref(params.bases, run.base))
+    model, tokenizer, base = load_base(base_ref(params.bases, run.base), params.placement)
     out = ADAPTERS / args.run / args.task
     _, manifest, result = train_adapter(model, tokenizer, base, [task], params.train.method,
                                         params.train.config(args.run), out)

@@ -1,0 +1,109 @@
+"""Where bases load and in what dtype: the automatic choice, the overrides, and a fingerprint that
+does not depend on either."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import char_tokenizer, tiny_model
+from transpeft import placement as placement_module
+from transpeft.bases import BaseRef, describe_base, lend_base, load_base
+from transpeft.params import ParamsError, load_params
+from transpeft.placement import CPU_BF16_MIN_HIDDEN, Placement, PlacementError, placed
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def saved_base(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("base") / "v1"
+    tiny_model("llama").save_pretrained(directory)
+    char_tokenizer().save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("kernels, hidden, expected", [
+    (True, CPU_BF16_MIN_HIDDEN, torch.bfloat16),
+    (True, CPU_BF16_MIN_HIDDEN - 1, torch.float32),
+    (False, 4096, torch.float32),
+])
+def test_auto_on_the_cpu_is_bf16_only_for_wide_bases_with_bf16_kernels(monkeypatch, kernels, hidden, expected):
+    monkeypatch.setattr(placement_module, "cpu_bf16_kernels", lambda: kernels)
+    assert Placement().torch_dtype(torch.device("cpu"), hidden) == expected
+
+
+def test_auto_on_a_gpu_is_bf16_and_an_explicit_dtype_wins_everywhere():
+    assert Placement().torch_dtype(torch.device("cuda"), 64) == torch.bfloat16
+    assert Placement(dtype="fp32").torch_dtype(torch.device("cuda"), 4096) == torch.float32
+    assert Placement(dtype="bfloat16").torch_dtype(torch.device("cpu"), 64) == torch.bfloat16
+
+
+def test_the_cpu_threshold_is_the_measured_crossover():
+    """CPU_BF16_MIN_HIDDEN is the width bench/bench_precision.py found bf16 faster from."""
+    measured = json.loads((ROOT / "bench/results/precision.json").read_text())
+    assert measured["bf16_from_hidden"] == CPU_BF16_MIN_HIDDEN
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"dtype": "float16"}, "dtype 'float16': use auto, float32"),
+    ({"device": "gpu"}, "device 'gpu': use auto, cpu, cuda"),
+])
+def test_bad_values_are_refused_naming_them(kwargs, message):
+    with pytest.raises(PlacementError, match=message):
+        Placement(**kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_says_so_before_loading_anything(saved_base):
+    with pytest.raises(PlacementError, match="no CUDA GPU"):
+        load_base(BaseRef(str(saved_base)), Placement(device="cuda"))
+
+
+def test_bf16_loads_bf16_weights_under_the_same_fingerprint(saved_base):
+    fp32, _, info32 = load_base(BaseRef(str(saved_base)), Placement(device="cpu", dtype="fp32"))
+    bf16, _, info16 = load_base(BaseRef(str(saved_base)), Placement(device="cpu", dtype="bf16"))
+    assert {p.dtype for p in fp32.parameters()} == {torch.float32}
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    assert placed(bf16) == "cpu bfloat16" and placed(fp32) == "cpu float32"
+    assert info16 == info32 == describe_base(BaseRef(str(saved_base)))[2]
+
+
+def test_a_changed_weight_file_changes_the_fingerprint(saved_base, tmp_path):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.get_input_embeddings().weight[0, 0] += 1
+    model.save_pretrained(tmp_path / "v1")
+    char_tokenizer().save_pretrained(tmp_path / "v1")
+    assert describe_base(BaseRef(str(tmp_path / "v1")))[2].fingerprint != \
+        describe_base(BaseRef(str(saved_base)))[2].fingerprint
+
+
+def test_the_lender_keeps_one_pool_per_placement(saved_base):
+    ref = BaseRef(str(saved_base))
+    with lend_base(ref, placement=Placement(dtype="bf16")) as slot:
+        assert placed(slot.model) == "cpu bfloat16"
+    with lend_base(ref, placement=Placement(dtype="fp32")) as slot:
+        assert placed(slot.model) == "cpu float32"
+
+
+def test_params_yaml_placement_is_read_and_checked(tmp_path):
+    text = (ROOT / "params.yaml").read_text()
+    assert load_params(ROOT / "params.yaml").placement == Placement()  # the committed default: auto, auto
+    path = tmp_path / "params.yaml"
+    path.write_text(text + "\nplacement: {device: cpu, dtype: bf16}\n")
+    assert load_params(path).placement == Placement("cpu", "bf16")
+    path.write_text(text + "\nplacement: {dtype: half}\n")
+    with pytest.raises(ParamsError, match="params.yaml: placement: dtype 'half'"):
+        load_params(path)
+
+
+def test_the_demo_family_stays_fp32_on_the_cpu(monkeypatch):
+    """Narrower than the crossover: the committed demo results are fp32 results on any CPU."""
+    from transpeft.demo.family import PROFILES
+
+    monkeypatch.setattr(placement_module, "cpu_bf16_kernels", lambda: True)
+    assert Placement().torch_dtype(torch.device("cpu"), PROFILES["demo"].hidden) == torch.float32

@@ -88,7 +88,7 @@ def bench_exact_match(base_dir: Path, adapter: Path, examples) -> dict:
             "speedup": round(t_generate / t_forced, 2), "same_verdicts": forced == generated}
 
 
-def bench_dropping(base_dir: Path, examples, steps: int, batch_size: int) -> dict:
+def bench_dropping(base_dir: Path, examples, steps: int, batch_size: int, p_c: float = 0.5) -> dict:
     def step_time(p_c):
         model, tokenizer, _ = load_base(BaseRef(str(base_dir)))
         model = get_peft_model(model, LoraConfig(r=16, target_modules="all-linear"))
@@ -97,9 +97,9 @@ def bench_dropping(base_dir: Path, examples, steps: int, batch_size: int) -> dic
         return result.seconds / steps
 
     train_loop_warmup = step_time(0.0)  # first run pays one-off costs (allocator, kernels)
-    plain, dropping = step_time(0.0), step_time(0.5)
+    plain, dropping = step_time(0.0), step_time(p_c)
     return {"steps": steps, "batch_size": batch_size, "step_s_p_c_0": round(plain, 4),
-            "step_s_p_c_0.5": round(dropping, 4), "speedup": round(plain / dropping, 3),
+            f"step_s_p_c_{p_c}": round(dropping, 4), "speedup": round(plain / dropping, 3),
             "warmup_step_s": round(train_loop_warmup, 4)}
 
 

@@ -38,3 +38,18 @@ def test_hot_swap_benchmark_scores_identically_both_ways(tmp_path):
 def test_precision_benchmark_times_every_mode_against_fp32(tmp_path):
     modes = quick("bench_precision.py", tmp_path / "precision.json")["modes"]
     assert set(modes) == {"fp32", "bf16-autocast", "bf16"} and modes["fp32"]["train_speedup_vs_fp32"] == 1.0
+
+
+def test_padding_benchmark_measures_both_batchings_on_the_same_rows(tmp_path):
+    result = quick("bench_padding.py", tmp_path / "padding.json")
+    assert result["grouped"]["padding_share"] < result["shuffled"]["padding_share"]
+    assert result["grouped_speedup"] == pytest.approx(
+        result["grouped"]["tokens_per_s"] / result["shuffled"]["tokens_per_s"], abs=0.01)
+
+
+def test_gpu_benchmark_runs_its_quick_shape_here(tmp_path):
+    result = quick("bench_gpu.py", tmp_path / "gpu.json")
+    shape = result["shapes"]["quick"]
+    assert shape["training"]["tokens_per_s"] > 0 and shape["training"]["mfu_vs_measured_matmul"] > 0
+    assert shape["hot_swap"]["identical_scores"] and shape["exact_match"]["same_verdicts"]
+    assert "step_s_p_c_0.2" in shape["dropping"]

@@ -98,6 +98,8 @@ def test_transfer_onto_an_incompatible_base_exits_3_naming_the_mismatch(demo, tm
     (["--p-c", "1.0"], "p_c must be in [0, 1)"),
     (["--p-i", "-0.5"], "p_i must be in [0, 1)"),
     (["--method", "prefix"], "unknown PEFT method"),
+    (["--max-length", "6"], "training rows are longer than max_length 6 tokens"),
+    (["--too-long", "drop"], "too_long must be one of ('refuse', 'truncate')"),
 ])
 def test_bad_training_input_exits_2_with_a_clear_message(demo, tmp_path, args, message):
     done = cli("train", "--base", demo / "bases/v1", "--data", demo / "data", "--out", tmp_path / "a", *args,

@@ -8,10 +8,10 @@ import torch
 from conftest import base_info, char_tokenizer, copy_task, tiny_model
 from transpeft import methods
 from transpeft.adapters import read_manifest
-from transpeft.batching import IGNORE, collate, encode
-from transpeft.data import Example
+from transpeft.batching import IGNORE, TooLong, collate, encode, fit_length, special_ids
+from transpeft.data import Example, Task
 from transpeft.methods import MethodConfig, get_method
-from transpeft.train import TrainConfig, TrainingDiverged, train_adapter, train_loop
+from transpeft.train import GROUP_SPAN, TrainConfig, TrainingDiverged, _batches, train_adapter, train_loop
 
 
 def run(tmp_path, name="a", **overrides):
@@ -295,3 +295,56 @@ def test_trainings_in_other_precisions_follow_each_other_in_one_process(tmp_path
 
     first, autocast, again = train("a", "fp32"), train("b", "bf16"), train("c", "fp32")
     assert first == again and autocast != first  # bf16 really ran, and left nothing behind
+
+
+# -- long inputs ----------------------------------------------------------------------------------
+
+def mixed_lengths(n: int = 96) -> list[Example]:
+    """Prompts of 1 to 40 characters: batches drawn at random pad most rows to the longest."""
+    rng = torch.Generator().manual_seed(0)
+    return [Example(prompt="a" * int(torch.randint(1, 41, (1,), generator=rng)), answer="b") for _ in range(n)]
+
+
+def test_over_long_rows_are_refused_with_their_count():
+    tokenizer, model = char_tokenizer(), get_method("lora").attach(tiny_model(), MethodConfig(r=4))
+    examples = mixed_lengths()
+    over = sum(len(encode(tokenizer, ex).ids) > 20 for ex in examples)
+    with pytest.raises(TooLong, match=f"^{over} of 96 training rows are longer than max_length 20 tokens"):
+        train_loop(model, tokenizer, examples, TrainConfig(steps=1, batch_size=8, max_length=20), progress=False)
+
+
+def test_truncation_keeps_the_answer_and_is_counted(tmp_path):
+    tokenizer = char_tokenizer()
+    examples = mixed_lengths()
+    encoded, cut = fit_length([encode(tokenizer, ex) for ex in examples], examples, 20, "truncate")
+    assert cut == sum(len(encode(tokenizer, ex).ids) > 20 for ex in examples) > 0
+    for ex, e in zip(examples, encoded):
+        full = encode(tokenizer, ex)
+        assert len(e.ids) == min(len(full.ids), 20) and e.ids[0] == full.ids[0]  # bos kept
+        assert e.ids[e.answer_start:] == full.ids[full.answer_start:]  # answer and eos whole
+    task = Task("long", "manipulation", "long prompts", tuple(examples), tuple(examples[:8]), "sha256:test")
+    model = tiny_model()
+    _, manifest, result = train_adapter(model, tokenizer, base_info(model, tokenizer), [task], MethodConfig(r=4),
+                                        TrainConfig(steps=2, batch_size=8, max_length=20, too_long="truncate"),
+                                        tmp_path / "a", progress=False)
+    assert result.truncated == manifest.training["truncated_rows"] == cut
+
+
+def test_grouping_by_length_cuts_padding_and_keeps_every_row_once_per_epoch():
+    tokenizer = char_tokenizer()
+    encoded = [encode(tokenizer, ex) for ex in mixed_lengths(8 * GROUP_SPAN)]
+    _, _, pad = special_ids(tokenizer)
+
+    def epoch(grouped):
+        batches = _batches(encoded, 8, pad, seed=0, group_by_length=grouped)
+        return [next(batches) for _ in range(GROUP_SPAN)]
+
+    def padding(batches):
+        return sum(int((b.attention_mask == 0).sum()) for b in batches)
+
+    grouped, shuffled = epoch(True), epoch(False)
+    assert padding(grouped) < padding(shuffled) / 4
+    rows = lambda batches: sorted(tuple(r[m.bool()].tolist()) for b in batches for r, m in zip(b.input_ids, b.attention_mask))  # noqa: E731
+    assert rows(grouped) == rows(shuffled)  # the same rows, each once
+    assert [b.input_ids.shape[1] for b in grouped] != sorted(b.input_ids.shape[1] for b in grouped)  # order random
+    assert all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(grouped, epoch(True)))  # seeded

@@ -15,6 +15,7 @@ IGNORE = -100  # label value the loss skips
 class Encoded:
     ids: list[int]
     answer_start: int  # index of the first answer token in ids
+    prefix: int = 0  # tokens before the prompt (bos), kept by truncation
 
 
 @dataclass(frozen=True)
@@ -35,16 +36,47 @@ def special_ids(tokenizer) -> tuple[int | None, int, int]:
     return tokenizer.bos_token_id, tokenizer.eos_token_id, pad
 
 
-def encode(tokenizer, example: Example, max_length: int | None = None) -> Encoded:
+def encode(tokenizer, example: Example) -> Encoded:
     bos, eos, _ = special_ids(tokenizer)
     prompt = tokenizer.encode(example.prompt, add_special_tokens=False)
     answer = tokenizer.encode(example.answer, add_special_tokens=False)
     ids = ([bos] if bos is not None else []) + prompt
     start = len(ids)
     ids = ids + answer + [eos]
-    if max_length is not None and len(ids) > max_length:
-        raise ValueError(f"example is {len(ids)} tokens, longer than max_length {max_length}: {example.prompt[:40]!r}")
-    return Encoded(ids, start)
+    return Encoded(ids, start, prefix=1 if bos is not None else 0)
+
+
+class TooLong(ValueError):
+    """Rows longer than max_length, with too_long = refuse."""
+
+
+TOO_LONG = ("refuse", "truncate")
+
+
+def fit_length(encoded: list[Encoded], examples: list[Example], max_length: int | None,
+               too_long: str = "refuse") -> tuple[list[Encoded], int]:
+    """The rows within ``max_length`` tokens and how many were over it: refused (TooLong, naming the
+    count and the longest) or truncated. Truncation drops the start of the prompt, which keeps the
+    answer whole; an answer longer than the limit by itself loses its end."""
+    if max_length is None:
+        return encoded, 0
+    over = [i for i, e in enumerate(encoded) if len(e.ids) > max_length]
+    if not over:
+        return encoded, 0
+    if too_long == "refuse":
+        longest = max(over, key=lambda i: len(encoded[i].ids))
+        raise TooLong(f"{len(over)} of {len(encoded)} training rows are longer than max_length {max_length} "
+                      f"tokens (the longest, {len(encoded[longest].ids)} tokens, starts "
+                      f"{examples[longest].prompt[:40]!r}): raise max_length, or set too_long to truncate "
+                      "to cut the start of their prompts")
+    return [_truncate(e, max_length) if len(e.ids) > max_length else e for e in encoded], len(over)
+
+
+def _truncate(e: Encoded, max_length: int) -> Encoded:
+    excess = len(e.ids) - max_length
+    cut = min(excess, e.answer_start - e.prefix)  # prompt tokens dropped after bos
+    ids = e.ids[:e.prefix] + e.ids[e.prefix + cut:]
+    return Encoded(ids[:max_length], e.answer_start - cut, e.prefix)
 
 
 def collate(encoded: list[Encoded], pad_id: int) -> Batch:

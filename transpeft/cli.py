@@ -72,7 +72,7 @@ def _add_dataclass_flags(p: argparse.ArgumentParser, cls, skip=()) -> None:
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
-        kind = type(f.default) if f.default is not None else str
+        kind = f.metadata.get("type") or (type(f.default) if f.default is not None else str)
         help_text = f.metadata.get("help", "") + f" (default: {f.default})"
         if f.name == "target_modules":
             p.add_argument(flag, type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),

@@ -9,6 +9,7 @@ autocast on a GPU (``precision``) whatever the weights' dtype.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,7 +24,7 @@ from transformers import get_cosine_schedule_with_warmup
 from . import defaults
 from .adapters import Manifest, adapted_targets, library_versions, save_adapter
 from .bases import BaseInfo
-from .batching import collate, encode, special_ids
+from .batching import TOO_LONG, collate, encode, fit_length, special_ids
 from .data import Example, Task
 from .evaluate import evaluate
 from .methods import MethodConfig, get_method
@@ -32,6 +33,7 @@ from .regularisers import attach_regularisers
 from .seeding import Replay, private_dropout, seeded, shared_draws
 
 PRECISIONS = ("auto", "fp32", "bf16")
+log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
@@ -56,6 +58,14 @@ class TrainConfig:
         "help": "recompute each layer's activations in backward instead of keeping them (less memory, "
                 "about a third more compute); Trans-PEFT's draws are replayed exactly"})
     precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16"})
+    max_length: int | None = field(default=None, metadata={
+        "type": int, "help": "tokens per training row at most (prompt, answer and special tokens); None: no cap"})
+    too_long: str = field(default="refuse", metadata={
+        "help": "rows over max_length: refuse (an error with their count) or truncate (drop the start of the "
+                "prompt); either way the count is in the manifest"})
+    group_by_length: bool = field(default=False, metadata={
+        "help": "batch rows of similar length together (less padding, faster on mixed-length data; it changes "
+                "which rows share a batch, so it is off where results must match earlier runs)"})
 
     def __post_init__(self):
         for name in ("p_i", "p_c"):
@@ -71,6 +81,10 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2 tokens (or None), got {self.max_length}")
+        if self.too_long not in TOO_LONG:
+            raise ValueError(f"too_long must be one of {TOO_LONG}, got {self.too_long!r}")
 
 
 @dataclass
@@ -80,6 +94,8 @@ class TrainResult:
     seconds: float
     ffn_dropped: int  # FFN sub-layers skipped by knowledge dropping
     learning_rates: list[float] = field(default_factory=list)  # the rate each optimizer step used
+    truncated: int = 0  # training rows cut to max_length
+    padded: int = 0  # padding tokens computed alongside the ``tokens`` real ones
 
     @property
     def tokens_per_second(self) -> float:
@@ -91,14 +107,29 @@ def _bf16(precision: str, device: torch.device) -> bool:
     return device.type == "cuda" if precision == "auto" else precision == "bf16"
 
 
-def _batches(encoded, batch_size: int, pad_id: int, seed: int):
-    """Endless shuffled micro-batches, reshuffled every epoch from a seeded generator."""
+GROUP_SPAN = 32  # batches per length-sorted group: lengths even out within it, batch order stays random
+
+
+def _batches(encoded, batch_size: int, pad_id: int, seed: int, group_by_length: bool = False):
+    """Endless shuffled micro-batches, reshuffled every epoch from a seeded generator.
+
+    Grouped by length, each run of GROUP_SPAN batches of the shuffled order is sorted by length
+    before it is cut into batches, and the epoch's batches are then shuffled: rows share a batch
+    with rows of about their length, while the order the model sees them in stays random."""
     rng = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(len(encoded), generator=rng).tolist()
-        last_start = max(len(order) - batch_size, 0)  # drop the ragged tail: equal-sized batches
-        for start in range(0, last_start + 1, batch_size):
-            yield collate([encoded[i] for i in order[start:start + batch_size]], pad_id)
+        usable = max(len(order) // batch_size, 1) * batch_size  # drop the ragged tail: equal-sized batches
+        order = order[:usable]
+        batches = [order[start:start + batch_size] for start in range(0, usable, batch_size)]
+        if group_by_length:
+            span = batch_size * GROUP_SPAN
+            order = [i for start in range(0, usable, span)
+                     for i in sorted(order[start:start + span], key=lambda i: len(encoded[i].ids), reverse=True)]
+            grouped = [order[start:start + batch_size] for start in range(0, usable, batch_size)]
+            batches = [grouped[j] for j in torch.randperm(len(grouped), generator=rng).tolist()]
+        for rows in batches:
+            yield collate([encoded[i] for i in rows], pad_id)
 
 
 def train_loop(model, tokenizer, examples: list[Example], config: TrainConfig, progress: bool = True) -> TrainResult:
@@ -109,7 +140,11 @@ def train_loop(model, tokenizer, examples: list[Example], config: TrainConfig, p
     if not params:
         raise ValueError("the model has no trainable parameters; attach a PEFT method first")
     _, _, pad = special_ids(tokenizer)
-    encoded = [encode(tokenizer, ex) for ex in examples]
+    encoded, truncated = fit_length([encode(tokenizer, ex) for ex in examples], examples, config.max_length,
+                                    config.too_long)
+    if truncated:
+        log.warning("truncated %d of %d training rows to max_length %d tokens", truncated, len(encoded),
+                    config.max_length)
     # Knowledge dropping leaves the dropped FFNs' adapter weights without gradients in that step:
     # under DDP they must be allowed to be unused (every process drops the same layers: one seed).
     ddp = DistributedDataParallelKwargs(find_unused_parameters=config.p_c > 0)
@@ -121,7 +156,8 @@ def train_loop(model, tokenizer, examples: list[Example], config: TrainConfig, p
     bf16 = _bf16(config.precision, accelerator.device)
     # Under `accelerate launch` with several processes each draws its own batches (data parallel;
     # DDP averages the gradients); a single process draws exactly what it always did.
-    batches = _batches(encoded, config.batch_size, pad, config.seed + accelerator.process_index)
+    batches = _batches(encoded, config.batch_size, pad, config.seed + accelerator.process_index,
+                       config.group_by_length)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     # Not prepared: accelerate steps a prepared scheduler once per process, which with N processes
     # would end the cosine after steps / N. Stepped here once per optimizer step, on every process.
@@ -134,7 +170,7 @@ def train_loop(model, tokenizer, examples: list[Example], config: TrainConfig, p
     if config.gradient_checkpointing:
         inner.activation_checkpointing_enable({"use_reentrant": False, "context_fn": replay.contexts})
 
-    losses, rates, tokens = [], [], 0
+    losses, rates, tokens, padded = [], [], 0, 0
     start = time.perf_counter()
     model.train()
     # attention dropout, if the base has any, draws from the global generator: hold it while training
@@ -159,7 +195,9 @@ def train_loop(model, tokenizer, examples: list[Example], config: TrainConfig, p
                                 scheduler.step()
                             optimizer.zero_grad()
                         step_loss += loss.item() / config.grad_accum
-                        tokens += int(batch.attention_mask.sum())
+                        real = int(batch.attention_mask.sum())
+                        tokens += real
+                        padded += batch.attention_mask.numel() - real
                     losses.append(step_loss)
                     bar.set_postfix(loss=f"{step_loss:.3f}")
         finally:
@@ -170,7 +208,7 @@ def train_loop(model, tokenizer, examples: list[Example], config: TrainConfig, p
             model.eval()
     if not all(torch.isfinite(p).all() for p in params):
         raise TrainingDiverged("adapter weights became NaN or infinite; lower the learning rate")
-    return TrainResult(losses, tokens, time.perf_counter() - start, regularisers.dropped, rates)
+    return TrainResult(losses, tokens, time.perf_counter() - start, regularisers.dropped, rates, truncated, padded)
 
 
 def _stop_everywhere_unless_finite(accelerator: Accelerator, loss: torch.Tensor, step: int) -> None:
@@ -216,6 +254,7 @@ def train_adapter(base_model, tokenizer, base: BaseInfo, tasks: list[Task], meth
         p_i=config.p_i, p_c=config.p_c, seed=config.seed, targets=adapted_targets(model),
         training={**asdict(config), "final_loss": result.losses[-1], "tokens": result.tokens,
                   "seconds": round(result.seconds, 2), "ffn_dropped": result.ffn_dropped, "placement": placed(model),
+                  "truncated_rows": result.truncated, "padding_tokens": result.padded,
                   "warm_start": str(warm_start) if warm_start else None,
                   "loss_curve": [round(x, 5) for x in result.losses]},
         metrics=metrics, library_versions=library_versions(),

@@ -1,13 +1,13 @@
 """fp32 or bf16 on this CPU, by model width: LoRA training and evaluation side by side; writes JSON.
 
-    python bench/bench_precision.py            # widths 96 to 1024 (up to 0.2 B parameters), about 8 minutes
+    python bench/bench_precision.py            # widths 96 to 1024 (up to 0.2 B parameters), about 6 minutes
     python bench/bench_precision.py --quick    # one small shape, seconds
 
-The CPU has AMX, whose bf16 matrix units outrun fp32 on large matmuls. Three ways to run the same
-LoRA fine-tune (the library's default targets) and the same teacher-forced evaluation:
-  fp32           fp32 weights, no autocast (the library's CPU default today)
+The CPU has bf16 matrix instructions (AVX512-BF16), which outrun fp32 on large matmuls. Three ways
+to run the same LoRA fine-tune (the library's default targets) and the same teacher-forced evaluation:
+  fp32           fp32 weights, no autocast
   bf16-autocast  fp32 weights, matmuls under bf16 autocast (``--precision bf16``)
-  bf16           weights stored in bf16 (what ``--dtype bf16`` would load)
+  bf16           weights stored in bf16 (what ``--dtype bf16`` loads)
 in alternation, after one warm-up each; reports the median seconds per training step and per
 evaluation, and each one's ratio to fp32, for Llamas of growing width. ``bf16_from_hidden`` is the
 narrowest width from which bf16 weights are faster than fp32 at both, and so at every wider one

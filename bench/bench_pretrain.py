@@ -3,7 +3,7 @@
     python bench/bench_pretrain.py            # the demo and gpu profiles' shapes, about 2 minutes on 2 cores
     python bench/bench_pretrain.py --quick    # the test profile's shape, seconds
 
-The CPU has AMX, whose bf16 matrix units outrun fp32 on large matmuls; whether that pays for a
+The CPU has bf16 matrix instructions (AVX512-BF16), which outrun fp32 on large matmuls; whether that pays for a
 model as narrow as the demo family's decides the precision its build uses. Each shape trains the
 same fresh model for a few steps of its profile's batch, fp32 and bf16 in alternation, through
 ``transpeft.demo.family.pretrain`` (the code the build runs). Reports the median seconds per step,

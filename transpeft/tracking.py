@@ -294,16 +294,8 @@ class Registry:
             aliases = self.client.get_registered_model(model).aliases
         except MlflowException:
             return []
-        records = []
-        for mv in self._versions(model):
-            tags = mv.tags
-            records.append(AdapterRecord(
-                name=name, base_family=tags["base_family"], base_version=tags["base_version"], status=tags["status"],
-                transferred_from=tags.get("transferred_from") or None, model_version=mv.version, run_id=mv.run_id,
-                metrics={k.removeprefix("exact_match."): float(v) for k, v in tags.items()
-                         if k.startswith("exact_match.")},
-                serving=aliases.get(_alias(f"on-{tags['base_version']}")) == mv.version))
-        return sorted(records, key=lambda r: int(r.model_version))
+        return sorted((_adapter_record(name, mv, aliases) for mv in self._versions(model)),
+                      key=lambda r: int(r.model_version))
 
     def download_adapter(self, record: AdapterRecord, into: Path) -> Path:
         """The adapter files of a registered version, downloaded to ``into``/adapter."""
@@ -311,16 +303,22 @@ class Registry:
         return Path(self.client.download_artifacts(record.run_id, "adapter", str(into)))
 
     def adapters(self) -> dict[str, list[AdapterRecord]]:
-        return {m.name.removeprefix(ADAPTER_PREFIX): self.adapter_versions(m.name.removeprefix(ADAPTER_PREFIX))
-                for m in self._models(ADAPTER_PREFIX)}
+        """Every adapter with its versions, however many: two paged searches, not one call per adapter."""
+        aliases = {m.name: m.aliases for m in self._models(ADAPTER_PREFIX)}
+        records: dict[str, list[AdapterRecord]] = {m.removeprefix(ADAPTER_PREFIX): [] for m in aliases}
+        for mv in _every_page(self.client.search_model_versions, filter_string=f"name LIKE '{ADAPTER_PREFIX}%'"):
+            if mv.name in aliases:  # a model created between the two searches waits for the next call
+                name = mv.name.removeprefix(ADAPTER_PREFIX)
+                records[name].append(_adapter_record(name, mv, aliases[mv.name]))
+        return {name: sorted(rows, key=lambda r: int(r.model_version)) for name, rows in sorted(records.items())}
 
     # -- registry plumbing ------------------------------------------------------------------------
 
     def _models(self, prefix: str):
-        return list(self.client.search_registered_models(filter_string=f"name LIKE '{prefix}%'"))
+        return _every_page(self.client.search_registered_models, filter_string=f"name LIKE '{prefix}%'")
 
     def _versions(self, model: str):
-        return list(self.client.search_model_versions(filter_string=f"name = '{model}'"))
+        return _every_page(self.client.search_model_versions, filter_string=f"name = '{model}'")
 
     def _ensure_model(self, name: str, tags: dict, description: str) -> None:
         try:
@@ -332,6 +330,26 @@ class Registry:
     def _create_version(self, model: str, run_id: str, artifact_path: str, tags: dict, description: str):
         return self.client.create_model_version(model, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id,
                                                 tags={k: str(v) for k, v in tags.items()}, description=description)
+
+
+def _every_page(search, **query) -> list:
+    """All results of a paged MLflow search: its pages end at 100 registered models by default."""
+    found, token = [], None
+    while True:
+        page = search(page_token=token, **query)
+        found += list(page)
+        token = page.token
+        if not token:
+            return found
+
+
+def _adapter_record(name: str, mv, aliases: dict[str, str]) -> AdapterRecord:
+    tags = mv.tags
+    return AdapterRecord(
+        name=name, base_family=tags["base_family"], base_version=tags["base_version"], status=tags["status"],
+        transferred_from=tags.get("transferred_from") or None, model_version=mv.version, run_id=mv.run_id,
+        metrics={k.removeprefix("exact_match."): float(v) for k, v in tags.items() if k.startswith("exact_match.")},
+        serving=aliases.get(_alias(f"on-{tags['base_version']}")) == mv.version)
 
 
 def _flat_metrics(metrics: dict[str, dict]) -> dict[str, float]:

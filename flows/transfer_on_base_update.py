@@ -20,6 +20,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows import PARAMS, failure, fanout_runner, registry_uri
 from tasks.revalidate import close_run, fetch_adapter, judge_adapter, open_run, plan_revalidation, record
 from transpeft.params import load_params
+from transpeft.revalidate import Outcome, summary_markdown
 
 
 @flow(name="transfer-on-base-update", task_runner=fanout_runner(), log_prints=True)
@@ -46,30 +47,19 @@ def transfer_on_base_update(family: str, version: str, data_dir: str = "pipeline
             error = failure(*chain)
             if error is None:
                 outcomes.append(chain[-1].result())
-                logger.info("%s: %s", candidate.name, outcomes[-1]["decision"])
+                logger.info("%s: %s", candidate.name, outcomes[-1].decision)
             else:  # a crash, after retries for transient I/O: reported, and left for the reconciler
                 crashed.append(candidate.name)
-                outcomes.append({"adapter": candidate.name, "source_version": candidate.source.base_version,
-                                 "decision": "failed", "reasons": [f"crashed: {error}"]})
+                outcomes.append(Outcome.crashed(candidate, error))
                 logger.error("%s: crashed: %s", candidate.name, error)
 
     summary = close_run(uri, parent_run, revalidation, outcomes, crashed)
     create_markdown_artifact(key="gate-decisions", description=f"Revalidation of {family}/{version}",
-                             markdown=_summary_markdown(summary, outcomes))
+                             markdown=summary_markdown(summary, outcomes))
     print(f"{family}/{version}: {summary['passed']} passed, {summary['retuned']} re-tuned, "
           f"{summary['flagged'] + summary['failed']} failed ({summary['flagged']} flagged, {summary['failed']} "
           f"could not be evaluated), {summary['already_done']} already there; MLflow run {parent_run}")
     return summary
-
-
-def _summary_markdown(summary: dict, outcomes: list[dict]) -> str:
-    lines = [f"# Revalidation of {summary['base']}", "",
-             f"passed {summary['passed']}, re-tuned {summary['retuned']}, flagged {summary['flagged']}, "
-             f"failed {summary['failed']}, already there {summary['already_done']} (MLflow run {summary['run_id']})",
-             "", "| adapter | from | decision | why |", "|---|---|---|---|"]
-    lines += [f"| {o['adapter']} | {o['source_version']} | {o['decision']} | {'; '.join(o['reasons']) or '-'} |"
-              for o in sorted(outcomes, key=lambda o: o["adapter"])]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -37,7 +38,7 @@ def fetch_adapter(uri: str, candidate: Candidate, workdir: str) -> str:
 
 @task(**CRASH, task_run_name="judge {candidate.name}")
 def judge_adapter(adapter_dir: str, candidate: Candidate, target: BaseRecord, data_dir: str, gate: Gate,
-                  workdir: str, placement: Placement = Placement()) -> dict:
+                  workdir: str, placement: Placement = Placement()) -> Outcome:
     """Transfer, evaluate, gate, and re-tune or flag one adapter.
 
     A bad adapter, a mismatch or a diverged re-tune is an outcome; what raises is a crash (out of
@@ -52,18 +53,17 @@ def judge_adapter(adapter_dir: str, candidate: Candidate, target: BaseRecord, da
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the retry starts from the memory this attempt held
         raise
-    return outcome.as_dict()
+    return outcome
 
 
-@task(**IO, task_run_name="record {outcome[adapter]}")
-def record(uri: str, parent_run: str, target: BaseRecord, outcome: dict) -> dict:
+@task(**IO, task_run_name="record {outcome.adapter}")
+def record(uri: str, parent_run: str, target: BaseRecord, outcome: Outcome) -> Outcome:
     """The adapter's child run and its registry version on the new base."""
-    registered = record_outcome(Registry(uri), parent_run, target, Outcome.from_dict(outcome))
-    return {**outcome, "model_version": registered.model_version if registered else None}
+    registered = record_outcome(Registry(uri), parent_run, target, outcome)
+    return replace(outcome, model_version=registered.model_version if registered else None)
 
 
 @task(**IO)
-def close_run(uri: str, parent_run: str, revalidation: Plan, outcomes: list[dict], crashed: list[str]) -> dict:
+def close_run(uri: str, parent_run: str, revalidation: Plan, outcomes: list[Outcome], crashed: list[str]) -> dict:
     """Counts, the transfer report and the gate decisions on the parent run; the base marked revalidated."""
-    return close_revalidation(Registry(uri), parent_run, revalidation.target, revalidation,
-                              [Outcome.from_dict(o) for o in outcomes], crashed)
+    return close_revalidation(Registry(uri), parent_run, revalidation.target, revalidation, outcomes, crashed)

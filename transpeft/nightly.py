@@ -54,6 +54,6 @@ def record_nightly(registry: Registry, results: list[dict], tolerance: float) ->
               for r in failing]
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "regressions.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        registry.client.log_artifacts(run, tmp, "report")
+        registry.log_files(run, tmp, "report")
     registry.finish_run(run, ok=not failing)
     return run

@@ -106,6 +106,7 @@ class Outcome:
     adapter_dir: str | None = None  # the files to register on the new base (None when failed)
     seconds: dict[str, float] = field(default_factory=dict)  # evaluate, retune
     placement: str = ""  # where the base ran, e.g. "cuda:0 bfloat16"
+    model_version: str | None = None  # its registry version on the new base, once recorded
 
     @property
     def served_scores(self) -> dict[str, float]:
@@ -115,8 +116,9 @@ class Outcome:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: dict) -> Outcome:
-        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
+    def crashed(cls, candidate: Candidate, error: str) -> Outcome:
+        """An adapter whose judging raised even after its retries: failed, left for the reconciler."""
+        return cls(candidate.name, candidate.source.base_version, "failed", reasons=[f"crashed: {error}"])
 
 
 _zero_shot: dict[tuple[str, str], float] = {}
@@ -231,7 +233,7 @@ def record_outcome(registry: Registry, parent_run: str, target: BaseRecord, outc
     if outcome.decision == "failed":
         registry.finish_run(child, ok=False)
         return None
-    registry.client.log_artifacts(child, outcome.adapter_dir, "adapter")
+    registry.log_files(child, outcome.adapter_dir, "adapter")
     record = registry.register_adapter(
         outcome.adapter, Path(outcome.adapter_dir), target, REGISTRY_STATUS[outcome.decision],
         {t: {"exact_match": v} for t, v in outcome.served_scores.items()}, child,
@@ -239,6 +241,17 @@ def record_outcome(registry: Registry, parent_run: str, target: BaseRecord, outc
         tags={"gate": "passed" if outcome.decision == "passed" else "; ".join(outcome.reasons)[:5000]})
     registry.finish_run(child)
     return record
+
+
+def summary_markdown(summary: dict, outcomes: list[Outcome]) -> str:
+    """The revalidation at a glance, for the flow run's artifact in the Prefect UI."""
+    lines = [f"# Revalidation of {summary['base']}", "",
+             f"passed {summary['passed']}, re-tuned {summary['retuned']}, flagged {summary['flagged']}, "
+             f"failed {summary['failed']}, already there {summary['already_done']} (MLflow run {summary['run_id']})",
+             "", "| adapter | from | decision | why |", "|---|---|---|---|"]
+    lines += [f"| {o.adapter} | {o.source_version} | {o.decision} | {'; '.join(o.reasons) or '-'} |"
+              for o in sorted(outcomes, key=lambda o: o.adapter)]
+    return "\n".join(lines)
 
 
 def close_revalidation(registry: Registry, parent_run: str, target: BaseRecord, plan_: Plan,
@@ -255,7 +268,7 @@ def close_revalidation(registry: Registry, parent_run: str, target: BaseRecord, 
         write_report(registry_matrix(registry.adapters()), Path(tmp), f"Transfer report: {target.family} up to "
                                                                       f"{target.version}")
         write_decisions(outcomes, Path(tmp), f"Gate decisions on {title}")
-        registry.client.log_artifacts(parent_run, tmp, "report")
+        registry.log_files(parent_run, tmp, "report")
     registry.log(parent_run, metrics={f"adapters.{k}": v for k, v in counts.items()},
                  tags={"crashed": ",".join(crashed)})
     state = "incomplete" if crashed else "done"

@@ -140,6 +140,18 @@ class Registry:
     def finish_run(self, run_id: str, ok: bool = True) -> None:
         self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
 
+    def log_files(self, run_id: str, directory: str | Path, under: str) -> None:
+        """Every file of ``directory`` as the run's artifacts under ``under``/."""
+        self.client.log_artifacts(run_id, str(directory), under)
+
+    def runs(self, step: str, filter_string: str = "") -> list:
+        """Every run of a step's experiment that matches ``filter_string``, across all pages."""
+        return _every_page(self.client.search_runs, experiment_ids=[self._experiment(step)],
+                           filter_string=filter_string)
+
+    def run(self, run_id: str):
+        return self.client.get_run(run_id)
+
     # -- bases ------------------------------------------------------------------------------------
 
     def register_base(self, base: BaseInfo, parent: str | None = None) -> BaseRecord:
@@ -242,7 +254,7 @@ class Registry:
         self.log(run_id, params={**{f"method.{k}": v for k, v in manifest.method.__dict__.items()}, **training,
                                  "tasks": ",".join(manifest.tasks), "dataset_hash": manifest.dataset_hash},
                  metrics=_flat_metrics(manifest.metrics), curve=("loss", manifest.training.get("loss_curve", [])))
-        self.client.log_artifacts(run_id, str(adapter_dir), "adapter")
+        self.log_files(run_id, adapter_dir, "adapter")
         self.finish_run(run_id)
         return run_id
 
@@ -301,6 +313,10 @@ class Registry:
         """The adapter files of a registered version, downloaded to ``into``/adapter."""
         Path(into).mkdir(parents=True, exist_ok=True)
         return Path(self.client.download_artifacts(record.run_id, "adapter", str(into)))
+
+    def adapter_tags(self, record: AdapterRecord) -> dict[str, str]:
+        """The registry version's tags: the gate's verdict, fingerprints, hashes."""
+        return self.client.get_model_version(ADAPTER_PREFIX + record.name, record.model_version).tags
 
     def adapters(self) -> dict[str, list[AdapterRecord]]:
         """Every adapter with its versions, however many: two paged searches, not one call per adapter."""
@@ -381,14 +397,14 @@ def record_update(registry: Registry, target: BaseInfo, outcomes: dict[str, dict
             continue
         registry.log(child, metrics={**_flat_metrics({t: m for t, m in outcome["new"].items()}),
                                      **{f"old_exact_match.{t}": m["exact_match"] for t, m in outcome["old"].items()}})
-        registry.client.log_artifacts(child, directory, "adapter")
+        registry.log_files(child, directory, "adapter")
         trained_on = outcome["trained_on"].split("/")[-1]
         registry.register_adapter(name, Path(directory), target, "trained" if trained_on == target.version
                                   else "transferred", outcome["new"], child, transferred_from=trained_on)
         registry.finish_run(child)
     with tempfile.TemporaryDirectory() as tmp:
         write_report(registry_matrix(registry.adapters()), Path(tmp), f"Transfer report: {target.family} up to {target.version}")
-        registry.client.log_artifacts(parent, tmp, "report")
+        registry.log_files(parent, tmp, "report")
     registry.finish_run(parent)
     return parent
 
@@ -408,6 +424,6 @@ def log_study(uri: str | None, summary: dict, out: Path) -> str:
                               "chosen.targets": chosen["targets"], "chosen.p_c": chosen["p_c"],
                               "chosen.p_i": chosen["p_i"], "retune_knee": summary["retune_knee"]},
                  metrics=metrics)
-    registry.client.log_artifacts(run, str(out), "study")
+    registry.log_files(run, out, "study")
     registry.finish_run(run)
     return run

@@ -27,7 +27,7 @@ from ..data import load_tasks  # noqa: E402
 from ..drift import activation_similarity, layer_drift  # noqa: E402
 from .family import task_inputs  # noqa: E402
 from ..stages import ADAPTERS, BASES  # noqa: E402
-from ..tracking import ADAPTER_PREFIX, Registry  # noqa: E402
+from ..tracking import Registry  # noqa: E402
 from ..transfer import transfer_fleet  # noqa: E402
 
 ARMS = ("fine-tune on old", "direct transfer", "Trans-PEFT transfer", "re-tuned (plain)", "re-tuned (Trans-PEFT)",
@@ -78,7 +78,7 @@ def collect(uri: str, tasks: list[str], data_dir: Path, retune_steps: int) -> di
             }
             for run, record in (("plain-v1", plain), ("transpeft-v1", tp)):
                 if record is not None:
-                    tags = registry.client.get_model_version(ADAPTER_PREFIX + record.name, record.model_version).tags
+                    tags = registry.adapter_tags(record)
                     decisions.append({"adapter": record.name, "base": version, "from": record.transferred_from,
                                       "status": record.status, "served": record.serving,
                                       "exact match": record.metrics.get(task), "why": tags.get("gate", "")})
@@ -94,13 +94,12 @@ def collect(uri: str, tasks: list[str], data_dir: Path, retune_steps: int) -> di
     compute = []
     for version in new_versions:
         # every adapter run of every revalidation of this version (a re-run adds none: all were in place)
-        children = [r for r in registry.client.search_runs([registry._experiment("transfer")],
-                                                           f"tags.base_version = '{version}'")
+        children = [r for r in registry.runs("transfer", f"tags.base_version = '{version}'")
                     if "decision" in r.data.tags]
         evaluate = sum(r.data.metrics.get("seconds.evaluate", 0.0) for r in children)
         retuned = [r for r in children if "seconds.retune" in r.data.metrics]
         retune = sum(r.data.metrics["seconds.retune"] for r in retuned)
-        fleet = [registry.client.get_run(_served_on(registry, f"{t}-{r}", old).run_id).data.params
+        fleet = [registry.run(_served_on(registry, f"{t}-{r}", old).run_id).data.params
                  for t in tasks for r in ("plain-v1", "transpeft-v1")]
         scratch_steps = sum(int(p["steps"]) for p in fleet)
         steps = len(retuned) * retune_steps
@@ -244,6 +243,6 @@ def build_report(uri: str, tasks: list[str], data_dir: Path, out: Path, retune_s
     _, page = render(collect(uri, tasks, data_dir, retune_steps), out, timings)
     registry = Registry(uri)
     run = registry.start_run("report", f"demo report {FAMILY}", {"base_family": FAMILY})
-    registry.client.log_artifacts(run, str(out), "report")
+    registry.log_files(run, out, "report")
     registry.finish_run(run)
     return page

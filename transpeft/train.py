@@ -63,9 +63,8 @@ class TrainConfig:
     too_long: str = field(default="refuse", metadata={
         "help": "rows over max_length: refuse (an error with their count) or truncate (drop the start of the "
                 "prompt); either way the count is in the manifest"})
-    group_by_length: bool = field(default=False, metadata={
-        "help": "batch rows of similar length together (less padding, faster on mixed-length data; it changes "
-                "which rows share a batch, so it is off where results must match earlier runs)"})
+    group_by_length: bool = field(default=True, metadata={
+        "help": "batch rows of similar length together, so that little compute goes to padding"})
 
     def __post_init__(self):
         for name in ("p_i", "p_c"):

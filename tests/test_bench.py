@@ -36,8 +36,10 @@ def test_hot_swap_benchmark_scores_identically_both_ways(tmp_path):
 
 
 def test_precision_benchmark_times_every_mode_against_fp32(tmp_path):
-    modes = quick("bench_precision.py", tmp_path / "precision.json")["modes"]
+    result = quick("bench_precision.py", tmp_path / "precision.json")
+    modes = result["shapes"]["quick"]["modes"]
     assert set(modes) == {"fp32", "bf16-autocast", "bf16"} and modes["fp32"]["train_speedup_vs_fp32"] == 1.0
+    assert "bf16_from_hidden" in result and isinstance(result["cpu_bf16"], bool)
 
 
 def test_padding_benchmark_measures_both_batchings_on_the_same_rows(tmp_path):

@@ -29,8 +29,13 @@ def test_plan_and_the_nightly_run_see_every_adapter_of_a_fleet_of_250(mlflow_ser
     _, manifest, _ = train_adapter(model, tokenizer, v1, load_tasks(tmp_path / "data", ["reverse"]),
                                    MethodConfig(r=2), TrainConfig(steps=1, batch_size=4), out, progress=False)
     run_id = registry.log_training("fleet", out, manifest)
-    for i in range(FLEET):  # one set of files registered under many names: what counts here is the registry
-        registry.register_adapter(f"fleet-{i:03d}", out, v1, "trained", manifest.metrics, run_id)
+    first = registry.register_adapter("fleet-000", out, v1, "trained", manifest.metrics, run_id)
+    tags = registry.adapter_tags(first)
+    for i in range(1, FLEET):  # the rest as metadata, with the same tags: what counts here is reading them back
+        name = f"adapter-fleet-{i:03d}"
+        registry.client.create_registered_model(name)
+        version = registry.client.create_model_version(name, f"runs:/{run_id}/adapter", run_id, tags=tags)
+        registry.client.set_registered_model_alias(name, "on-v1", version.version)
 
     fleet = registry.adapters()
     assert len(fleet) == FLEET and all(len(versions) == 1 for versions in fleet.values())

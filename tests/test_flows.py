@@ -69,7 +69,7 @@ def write_params(root: Path, uri: str, gate: dict, name: str) -> str:
     params["train"]["runs"] = {"plain-v1": {"base": "v1"}, "tp-v1": {"base": "v1", "p_c": 0.1}}
     params["gate"] = gate
     params["tracking"] = {"uri": uri}
-    params["placement"] = {"device": "cpu", "dtype": "bf16"}  # every flow step must load the bases so
+    params["placement"] = {"device": "cpu", "dtype": "bf16"}  # each flow step must honour it
     path = root / name
     path.write_text(yaml.safe_dump(params))
     return str(path)

@@ -105,12 +105,16 @@ def weights_hash(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def file_sha256(path: Path) -> str:
+    with Path(path).open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def files_hash(files: list[Path]) -> str:
     """Hash of a base's safetensors files as stored: the same whatever dtype or device it is loaded in."""
     digest = hashlib.sha256()
     for path in files:
-        with path.open("rb") as f:
-            digest.update(path.name.encode() + b"\0" + hashlib.file_digest(f, "sha256").digest())
+        digest.update(path.name.encode() + b"\0" + bytes.fromhex(file_sha256(path)))
     return digest.hexdigest()
 
 

@@ -76,9 +76,6 @@ class Placement:
         device = self.torch_device()
         return device, self.torch_dtype(device, config.get_text_config().hidden_size)
 
-    def __str__(self) -> str:
-        return f"device {self.device}, dtype {self.dtype}"
-
 
 def placed(model) -> str:
     """Where a model's base weights are and in what dtype, e.g. ``cpu bfloat16``, ``cuda:0 float32``:

@@ -219,14 +219,10 @@ def register_webhook(tracking_uri: str, url: str, secret: str) -> str:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow.tracking import MlflowClient
 
+    from .tracking import every_page
+
     client = MlflowClient(tracking_uri=tracking_uri)
-    hooks, token = [], None
-    while True:
-        page = client.list_webhooks(page_token=token)
-        hooks += [h for h in page if h.name == WEBHOOK_NAME]
-        token = page.token
-        if not token:
-            break
+    hooks = [h for h in every_page(client.list_webhooks) if h.name == WEBHOOK_NAME]
     if not hooks:
         client.create_webhook(name=WEBHOOK_NAME, url=url, events=WEBHOOK_EVENTS, secret=secret, status="ACTIVE")
         return "created"

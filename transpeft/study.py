@@ -142,14 +142,6 @@ class Inputs:
     placement: Placement = Placement()
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def job_id(job: Job, config: StudyConfig, identity: dict) -> str:
     """Stable id of a job: what it runs, on which weights and data; a changed input gives a new id."""
     recipe = {k: v for k, v in asdict(config).items() if k in ("r", "alpha", "batch_size", "lr", "warmup")}
@@ -321,6 +313,7 @@ _SCORING_CODE = ("train.py", "seeding.py", "regularisers.py", "methods.py", "bot
 
 def base_identity(inputs: Inputs, versions: list[str]) -> dict:
     """What a job's result depends on besides its settings: the bases' weights, the task data, the code."""
+    from .bases import file_sha256
     from .data import load_tasks
 
     here = Path(__file__).parent
@@ -329,7 +322,7 @@ def base_identity(inputs: Inputs, versions: list[str]) -> dict:
         files = sorted(Path(inputs.bases[version]).glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"base {version}: no safetensors weights in {inputs.bases[version]}")
-        identity[version] = [_sha256_file(f) for f in files]
+        identity[version] = [file_sha256(f) for f in files]
     identity["data"] = {t.name: t.content_hash for t in load_tasks(inputs.data)}
     identity["placement"] = _resolved_placement(inputs, versions)  # bf16 on a GPU scores differently
     return identity

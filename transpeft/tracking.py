@@ -146,7 +146,7 @@ class Registry:
 
     def runs(self, step: str, filter_string: str = "") -> list:
         """Every run of a step's experiment that matches ``filter_string``, across all pages."""
-        return _every_page(self.client.search_runs, experiment_ids=[self._experiment(step)],
+        return every_page(self.client.search_runs, experiment_ids=[self._experiment(step)],
                            filter_string=filter_string)
 
     def run(self, run_id: str):
@@ -322,7 +322,7 @@ class Registry:
         """Every adapter with its versions, however many: two paged searches, not one call per adapter."""
         aliases = {m.name: m.aliases for m in self._models(ADAPTER_PREFIX)}
         records: dict[str, list[AdapterRecord]] = {m.removeprefix(ADAPTER_PREFIX): [] for m in aliases}
-        for mv in _every_page(self.client.search_model_versions, filter_string=f"name LIKE '{ADAPTER_PREFIX}%'"):
+        for mv in every_page(self.client.search_model_versions, filter_string=f"name LIKE '{ADAPTER_PREFIX}%'"):
             if mv.name in aliases:  # a model created between the two searches waits for the next call
                 name = mv.name.removeprefix(ADAPTER_PREFIX)
                 records[name].append(_adapter_record(name, mv, aliases[mv.name]))
@@ -331,10 +331,10 @@ class Registry:
     # -- registry plumbing ------------------------------------------------------------------------
 
     def _models(self, prefix: str):
-        return _every_page(self.client.search_registered_models, filter_string=f"name LIKE '{prefix}%'")
+        return every_page(self.client.search_registered_models, filter_string=f"name LIKE '{prefix}%'")
 
     def _versions(self, model: str):
-        return _every_page(self.client.search_model_versions, filter_string=f"name = '{model}'")
+        return every_page(self.client.search_model_versions, filter_string=f"name = '{model}'")
 
     def _ensure_model(self, name: str, tags: dict, description: str) -> None:
         try:
@@ -348,7 +348,7 @@ class Registry:
                                                 tags={k: str(v) for k, v in tags.items()}, description=description)
 
 
-def _every_page(search, **query) -> list:
+def every_page(search, **query) -> list:
     """All results of a paged MLflow search: its pages end at 100 registered models by default."""
     found, token = [], None
     while True:

@@ -109,7 +109,7 @@ def _bf16(precision: str, device: torch.device) -> bool:
 GROUP_SPAN = 32  # batches per length-sorted group: lengths even out within it, batch order stays random
 
 
-def _batches(encoded, batch_size: int, pad_id: int, seed: int, group_by_length: bool = False):
+def _batches(encoded, batch_size: int, pad_id: int, seed: int, group_by_length: bool):
     """Endless shuffled micro-batches, reshuffled every epoch from a seeded generator.
 
     Grouped by length, each run of GROUP_SPAN batches of the shuffled order is sorted by length
@@ -120,13 +120,13 @@ def _batches(encoded, batch_size: int, pad_id: int, seed: int, group_by_length: 
         order = torch.randperm(len(encoded), generator=rng).tolist()
         usable = max(len(order) // batch_size, 1) * batch_size  # drop the ragged tail: equal-sized batches
         order = order[:usable]
-        batches = [order[start:start + batch_size] for start in range(0, usable, batch_size)]
         if group_by_length:
             span = batch_size * GROUP_SPAN
             order = [i for start in range(0, usable, span)
                      for i in sorted(order[start:start + span], key=lambda i: len(encoded[i].ids), reverse=True)]
-            grouped = [order[start:start + batch_size] for start in range(0, usable, batch_size)]
-            batches = [grouped[j] for j in torch.randperm(len(grouped), generator=rng).tolist()]
+        batches = [order[start:start + batch_size] for start in range(0, usable, batch_size)]
+        if group_by_length:
+            batches = [batches[j] for j in torch.randperm(len(batches), generator=rng).tolist()]
         for rows in batches:
             yield collate([encoded[i] for i in rows], pad_id)
 

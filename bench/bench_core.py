@@ -30,10 +30,10 @@ from transpeft.data import load_tasks
 from transpeft.demo.family import PROFILES, model_config
 from transpeft.demo.tasks import build_demo_tasks
 from transpeft.demo.tokenizer import demo_tokenizer
-from transpeft.evaluate import evaluate_adapters, exact_match_flags, generate_flags
+from transpeft.evaluate import exact_match_flags, generate_flags
 from transpeft.methods import MethodConfig
 from transpeft.train import TrainConfig, train_adapter, train_loop
-from transpeft.transfer import load_adapter
+from transpeft.transfer import evaluate_adapters, load_adapter
 
 
 def random_demo_base(directory: Path) -> Path:

@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger
 from flows import PARAMS, failure, fanout_runner, registry_uri
 from flows.transfer_on_base_update import transfer_on_base_update
 from tasks.nightly import find_served, find_unrevalidated, record_results, score_served
+from transpeft.nightly import Check
 from transpeft.params import load_params
 
 
@@ -41,13 +42,9 @@ def nightly_regression(family: str | None = None, data_dir: str = "pipeline/data
     results = []
     for base, records, future in checks:  # a base that cannot be scored fails each of its adapters
         error = failure(future)
-        results += future.result() if error is None else [
-            {"adapter": r.name, "base_family": base.family, "base_version": base.version,
-             "model_version": r.model_version, "baseline": r.metrics, "current": {},
-             "regressions": [f"cannot be evaluated: {error}"]} for r in records]
+        results += future.result() if error is None else [Check.unscorable(base, r, error) for r in records]
     run_id = record_results(uri, results, tolerance)
-    failing = [f"{r['adapter']} on {r['base_family']}/{r['base_version']}: {'; '.join(r['regressions'])}"
-               for r in results if r["regressions"]]
+    failing = [c.line() for c in results if c.regressions]
     print(f"{len(results)} served adapters checked, {len(failing)} regressed; reconciled {reconciled or 'nothing'}; "
           f"MLflow run {run_id}")
     if failing:

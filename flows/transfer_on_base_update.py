@@ -20,7 +20,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows import PARAMS, failure, fanout_runner, registry_uri
 from tasks.revalidate import close_run, fetch_adapter, judge_adapter, open_run, plan_revalidation, record
 from transpeft.params import load_params
-from transpeft.revalidate import Outcome, summary_markdown
+from transpeft.revalidate import Outcome
 
 
 @flow(name="transfer-on-base-update", task_runner=fanout_runner(), log_prints=True)
@@ -55,11 +55,9 @@ def transfer_on_base_update(family: str, version: str, data_dir: str = "pipeline
 
     summary = close_run(uri, parent_run, revalidation, outcomes, crashed)
     create_markdown_artifact(key="gate-decisions", description=f"Revalidation of {family}/{version}",
-                             markdown=summary_markdown(summary, outcomes))
-    print(f"{family}/{version}: {summary['passed']} passed, {summary['retuned']} re-tuned, "
-          f"{summary['flagged'] + summary['failed']} failed ({summary['flagged']} flagged, {summary['failed']} "
-          f"could not be evaluated), {summary['already_done']} already there; MLflow run {parent_run}")
-    return summary
+                             markdown=summary.markdown(outcomes))
+    print(summary.line())
+    return summary.as_dict()
 
 
 if __name__ == "__main__":

@@ -8,11 +8,9 @@ from pathlib import Path
 from prefect import task
 
 from transpeft.bases import BaseRef, lend_base
-from transpeft.data import load_tasks
-from transpeft.nightly import record_nightly, regressions, served, unrevalidated
-from transpeft.placement import Placement, placed
+from transpeft.nightly import Check, check_served, record_nightly, served, unrevalidated
+from transpeft.placement import Placement
 from transpeft.tracking import AdapterRecord, BaseRecord, Registry
-from transpeft.transfer import transfer_fleet
 
 from . import CRASH, IO
 
@@ -33,30 +31,16 @@ def find_served(uri: str, family: str | None) -> list[tuple[BaseRecord, list[Ada
 
 @task(**CRASH, task_run_name="score {base.family}/{base.version}")
 def score_served(uri: str, base: BaseRecord, records: list[AdapterRecord], data_dir: str, tolerance: float,
-                 placement: Placement = Placement()) -> list[dict]:
-    """Every adapter served on ``base`` re-evaluated (base loaded once, on ``placement``), compared
-    with its baseline."""
+                 placement: Placement = Placement()) -> list[Check]:
+    """Every adapter served on ``base`` re-evaluated (base loaded once, on ``placement``) against its baseline."""
     registry = Registry(uri)
-    results = []
     with tempfile.TemporaryDirectory(prefix="nightly-") as tmp, \
             lend_base(BaseRef(base.source, base.revision, base.family, base.version), placement=placement) as slot:
-        dirs = {r.name: registry.download_adapter(r, Path(tmp) / r.name) for r in records}
-        tasks = load_tasks(data_dir, sorted({t for r in records for t in r.metrics}))
-        outcomes = transfer_fleet(slot.model, slot.tokenizer, slot.info, list(dirs.values()), tasks)
-        for r in records:
-            outcome = outcomes[str(dirs[r.name])]
-            current = {t: m["exact_match"] for t, m in outcome.get("new", {}).items()}
-            lines = regressions(r.metrics, current, tolerance) if outcome["verdict"] == "compatible" \
-                else [f"cannot be evaluated: {'; '.join(outcome['mismatches'])}"]
-            if slot.info.fingerprint != base.fingerprint:
-                lines.insert(0, f"base {base.version} changed since registration (fingerprint {slot.info.fingerprint})")
-            results.append({"adapter": r.name, "base_family": base.family, "base_version": base.version,
-                            "model_version": r.model_version, "baseline": r.metrics, "current": current,
-                            "regressions": lines, "placement": placed(slot.model)})
-    return results
+        adapters = {r.name: (r, registry.download_adapter(r, Path(tmp) / r.name)) for r in records}
+        return check_served(slot, base, adapters, data_dir, tolerance)
 
 
 @task(**IO)
-def record_results(uri: str, results: list[dict], tolerance: float) -> str:
+def record_results(uri: str, checks: list[Check], tolerance: float) -> str:
     """The nightly run in MLflow."""
-    return record_nightly(Registry(uri), results, tolerance)
+    return record_nightly(Registry(uri), checks, tolerance)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -11,7 +10,7 @@ from prefect import task
 from transpeft.bases import BaseRef, lend_base
 from transpeft.params import Gate
 from transpeft.placement import Placement
-from transpeft.revalidate import (Candidate, Outcome, Plan, close_revalidation, open_revalidation, plan,
+from transpeft.revalidate import (Candidate, Outcome, Plan, Summary, close_revalidation, open_revalidation, plan,
                                   record_outcome, revalidate)
 from transpeft.tracking import BaseRecord, Registry
 
@@ -33,7 +32,7 @@ def open_run(uri: str, revalidation: Plan) -> str:
 @task(**IO, task_run_name="fetch {candidate.name}")
 def fetch_adapter(uri: str, candidate: Candidate, workdir: str) -> str:
     """The adapter's registered files, downloaded from MLflow."""
-    return str(Registry(uri).download_adapter(candidate.source, Path(workdir) / candidate.name))
+    return str(Registry(uri).download_adapter(candidate.record, Path(workdir) / candidate.name))
 
 
 @task(**CRASH, task_run_name="judge {candidate.name}")
@@ -59,11 +58,10 @@ def judge_adapter(adapter_dir: str, candidate: Candidate, target: BaseRecord, da
 @task(**IO, task_run_name="record {outcome.adapter}")
 def record(uri: str, parent_run: str, target: BaseRecord, outcome: Outcome) -> Outcome:
     """The adapter's child run and its registry version on the new base."""
-    registered = record_outcome(Registry(uri), parent_run, target, outcome)
-    return replace(outcome, model_version=registered.model_version if registered else None)
+    return record_outcome(Registry(uri), parent_run, target, outcome)
 
 
 @task(**IO)
-def close_run(uri: str, parent_run: str, revalidation: Plan, outcomes: list[Outcome], crashed: list[str]) -> dict:
+def close_run(uri: str, parent_run: str, revalidation: Plan, outcomes: list[Outcome], crashed: list[str]) -> Summary:
     """Counts, the transfer report and the gate decisions on the parent run; the base marked revalidated."""
     return close_revalidation(Registry(uri), parent_run, revalidation.target, revalidation, outcomes, crashed)

@@ -23,6 +23,7 @@ from flows.nightly_regression import Regressions, nightly_regression
 from flows.register_base import register_base
 from flows.transfer_on_base_update import transfer_on_base_update
 from tasks import crash_or_transient_io, transient_io
+from transpeft.adapters import read_manifest
 from transpeft.bases import BaseRef, load_base
 from transpeft.demo.family import build_demo_family
 from transpeft.demo.tasks import build_demo_tasks
@@ -238,3 +239,43 @@ def test_a_crash_is_retried_then_reported_crashed_and_the_reconciler_runs_it_aga
     assert registry.base("demo", "v5").revalidation == "done"
     assert "reverse-plain-v1" in {name for name, rows in registry.adapters().items() for r in rows
                                   if r.base_version == "v5"}
+
+
+def test_transfer_track_and_the_flow_write_the_same_record(project, mlflow_server, tmp_path, capsys):
+    """`transpeft transfer --track` and transfer-on-base-update run one lifecycle: twin adapters (the
+    same files under two names), one carried over by each, get the same child run and registry version."""
+    from transpeft.bases import describe_base
+    from transpeft.cli import main as cli
+
+    registry = Registry(mlflow_server.url)
+    params = write_params(project, mlflow_server.url, GATE_PASS_ALL, "pass.yaml")
+    twin = {v: describe_base(BaseRef(str(project / "bases" / v), family="twin"))[2] for v in ("v1", "v2")}
+    registry.register_base(twin["v1"])
+    registry.register_base(twin["v2"], parent="v1")
+    trained = registry.adapter_versions("reverse-tp-v1")[0]
+    files = registry.download_adapter(trained, tmp_path / "download")
+    for name in ("twin-cli", "twin-flow"):
+        shutil.copytree(files, tmp_path / name)
+        manifest = read_manifest(tmp_path / name)
+        run = registry.log_training(name, tmp_path / name, manifest)
+        registry.register_adapter(name, tmp_path / name, twin["v1"], "trained", manifest.metrics, run)
+
+    assert cli(["transfer", str(tmp_path / "twin-cli"), "--to", str(project / "bases" / "v2"), "--to-family", "twin",
+                "--data", str(project / "data"), "--params", params, "--track", "--tracking-uri", mlflow_server.url,
+                "--device", "cpu", "--dtype", "bf16", "--json"]) == 0
+    capsys.readouterr()
+    summary = transfer_on_base_update("twin", "v2", str(project / "data"), params)
+    assert (summary["passed"], summary["already_done"]) == (1, 1)  # twin-flow carried over; twin-cli already there
+
+    def record(name: str) -> tuple:
+        (version,) = [r for r in registry.adapter_versions(name) if r.base_version == "v2"]
+        child = registry.run(version.run_id)
+        artifacts = sorted(a.path for a in registry.client.list_artifacts(version.run_id, "adapter"))
+        return (version.status, version.serving, version.transferred_from, version.metrics,
+                registry.adapter_tags(version), child.info.status, artifacts,
+                {k: v for k, v in child.data.tags.items() if k != "adapter" and not k.startswith("mlflow.")},
+                {k: v for k, v in child.data.metrics.items() if not k.startswith("seconds.")})
+
+    by_cli, by_flow = record("twin-cli"), record("twin-flow")
+    assert by_cli == by_flow
+    assert by_cli[0] == "transferred" and by_cli[7]["decision"] == "passed" and "zero_shot.reverse" in by_cli[8]

@@ -82,7 +82,7 @@ def test_hot_swap_scores_equal_separate_loads(tmp_path):
     for i, method in enumerate(["lora", "dora", "bottleneck"]):
         train_adapter(tiny_model("llama"), tok, info, [task], MethodConfig(name=method, r=4),
                       TrainConfig(steps=3, batch_size=8, lr=5e-2, seed=i), tmp_path / method, progress=False)
-    from transpeft.evaluate import evaluate_adapters
+    from transpeft.transfer import evaluate_adapters
 
     shared = evaluate_adapters(tiny_model("llama"), tok, info, [tmp_path / m for m in ("lora", "dora", "bottleneck")],
                                [task])

@@ -47,7 +47,7 @@ def trained(tmp_path_factory):
                                    TrainConfig(steps=30, batch_size=8, lr=2e-2), root / "adapter", progress=False)
     assert manifest.metrics["ack"]["exact_match"] == 1.0
     record = AdapterRecord("ack-bot", "tiny", "v1", "trained", None, {"ack": 1.0}, "1", True, "run")
-    return SimpleNamespace(root=root, tokenizer=tokenizer, candidate=Candidate("ack-bot", record))
+    return SimpleNamespace(root=root, tokenizer=tokenizer, candidate=Candidate.registered(record))
 
 
 def new_base(trained, **overrides):

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 from mlflow.exceptions import MlflowException
@@ -17,9 +18,10 @@ from transpeft.data import load_tasks
 from transpeft.demo.family import build_demo_family
 from transpeft.demo.tasks import build_demo_tasks
 from transpeft.methods import MethodConfig
-from transpeft.tracking import NotRegistered, Registry, RegistryConflict, TrackingUnavailable, record_update
+from transpeft.params import Gate
+from transpeft.revalidate import close_revalidation, open_revalidation, plan_folders, record_outcome, revalidate
+from transpeft.tracking import NotRegistered, Registry, RegistryConflict, TrackingUnavailable
 from transpeft.train import TrainConfig, train_adapter
-from transpeft.transfer import transfer_fleet
 
 pytestmark = pytest.mark.server
 
@@ -94,7 +96,9 @@ def test_adapters_are_tracked_per_base_version(mlflow_server, family, tmp_path):
         registry.register_adapter("support-bot", out, v2, "transferred", manifest.metrics, run_id)
 
 
-def test_a_base_update_makes_one_parent_run_a_child_per_adapter_and_a_report(mlflow_server, family, tmp_path):
+def test_carrying_folders_over_makes_one_parent_run_a_child_per_adapter_and_a_report(mlflow_server, family,
+                                                                                     tmp_path):
+    """The lifecycle on hand-picked folders (what `transpeft transfer --track` runs)."""
     registry = Registry(mlflow_server.url)
     model, tokenizer, v1 = base(family, "v1")
     registry.register_base(v1)
@@ -105,18 +109,28 @@ def test_a_base_update_makes_one_parent_run_a_child_per_adapter_and_a_report(mlf
 
     model, tokenizer, v2 = base(family, "v2")
     registry.register_base(v2, parent="v1")
-    outcomes = transfer_fleet(model, tokenizer, v2, [tmp_path / "good", tmp_path / "broken"], tasks)
-    assert outcomes[str(tmp_path / "broken")]["verdict"] == "unreadable"
-    parent = record_update(registry, v2, outcomes)
+    slot = SimpleNamespace(model=model, tokenizer=tokenizer, info=v2)
+    folders = [tmp_path / "good", tmp_path / "broken"]
+    plan = plan_folders(v2, folders)
+    parent = open_revalidation(registry, v2, plan)
+    gate = Gate(min_retention=0.0, min_score=0.0, beat_zero_shot=False, on_fail="flag")
+    outcomes = [revalidate(slot, f, c, family / "data", gate, tmp_path) for f, c in zip(folders, plan.candidates)]
+    assert [o.decision for o in outcomes] == ["passed", "failed"] and "incomplete" in outcomes[1].reasons[0]
+    for outcome in outcomes:
+        record_outcome(registry, parent, v2, outcome)
+    summary = close_revalidation(registry, parent, v2, plan, outcomes, crashed=[], whole_family=False)
+    assert (summary.passed, summary.failed) == (1, 1)
 
     children = registry.client.search_runs([registry.client.get_run(parent).info.experiment_id],
                                            f"tags.mlflow.parentRunId = '{parent}'")
     assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED"]
     report = {a.path for a in registry.client.list_artifacts(parent, "report")}
-    assert report == {"report/transfer_report.md", "report/transfer_report.csv", "report/transfer_heatmap.png"}
+    assert report == {"report/transfer_report.md", "report/transfer_report.csv", "report/transfer_heatmap.png",
+                      "report/gate_decisions.md"}
     good = registry.adapter_versions("good")
     assert [(r.base_version, r.status, r.transferred_from) for r in good] == [("v2", "transferred", "v1")]
     assert registry.adapter_versions("broken") == []
+    assert registry.base(v2.family, "v2").revalidation is None  # two folders are not the family's revalidation
 
 
 def test_an_unreachable_server_is_an_error_never_a_local_fallback():
@@ -144,11 +158,15 @@ def test_cli_registers_bases_trains_transfers_and_lists_side_by_side(mlflow_serv
     cli("bases", "register", "--base", bases / "v1", "--no-event")  # events: tests/test_events.py
     cli("train", "--base", bases / "v1", *common, "--out", tmp_path / "faq-bot", "--track")
     cli("bases", "register", "--base", bases / "v2", "--parent", "v1", "--no-event")
-    cli("transfer", tmp_path / "faq-bot", "--to", bases / "v2", "--data", family / "data", "--track")
+    # Judged by params.yaml's gate: two training steps fail it, so the adapter is kept on v2 unserved.
+    moved = json.loads(cli("transfer", tmp_path / "faq-bot", "--to", bases / "v2", "--data", family / "data", "--track",
+                           "--json").stdout)
+    assert moved["adapters"][str(tmp_path / "faq-bot")]["decision"] == "flagged" and moved["run_id"]
     listed = json.loads(cli("adapters", "list", "--json").stdout)["faq-bot"]
-    assert [(r["base_version"], r["status"]) for r in listed] == [("v1", "trained"), ("v2", "transferred")]
+    assert [(r["base_version"], r["status"], r["serving"]) for r in listed] == [
+        ("v1", "trained", True), ("v2", "failed-gate", False)]
     text = cli("adapters", "list").stdout
-    assert "faq-bot" in text and "trained*" in text and "transferred*" in text
+    assert "faq-bot" in text and "trained*" in text and "failed-gate" in text and "failed-gate*" not in text
     assert "tiny" in cli("bases", "list").stdout
 
 

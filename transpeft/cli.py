@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from dataclasses import fields
@@ -187,8 +188,8 @@ def _registry(args):
 def cmd_evaluate(args) -> int:
     from .bases import load_base
     from .data import load_tasks
-    from .evaluate import evaluate_adapters
     from .placement import placed
+    from .transfer import evaluate_adapters
 
     tasks = load_tasks(args.data, args.tasks)
     registry = _registry(args)  # checked reachable before the work starts
@@ -208,53 +209,68 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_transfer(args) -> int:
-    from .bases import load_base
+    import tempfile
+    from dataclasses import replace
+
+    from .bases import lend_base
     from .data import load_tasks
-    from .placement import placed
-    from .transfer import transfer_fleet
+    from .revalidate import close_revalidation, open_revalidation, plan_folders, record_outcome, revalidate
+    from .transfer import evaluate_adapters
 
-    tasks = load_tasks(args.data)
     registry = _registry(args)
-    old_metrics, old_label = None, "recorded at training"
+    gate = replace(_gate(args.params), on_fail="flag")  # re-tuning is the revalidation flow's, not this command's
+    folders = [Path(a) for a in args.adapters]
+    old, old_label = None, "recorded at training"
     if args.source:
-        model, tokenizer, base = load_base(_base_ref(args, "source"), _placement(args))
-        old_metrics = {k: v["new"] for k, v in transfer_fleet(model, tokenizer, base, args.adapters, tasks).items()
-                       if v["verdict"] == "compatible"}
-        old_label = f"{base.family}/{base.version}"
-    model, tokenizer, target = load_base(_base_ref(args, "target"), _placement(args))
+        with lend_base(_base_ref(args, "source"), placement=_placement(args)) as slot:
+            scored = evaluate_adapters(slot.model, slot.tokenizer, slot.info, folders, load_tasks(args.data))
+        old = {k: {t: m["exact_match"] for t, m in v.items()} for k, v in scored.items() if "error" not in v}
+        old_label = f"{slot.info.family}/{slot.info.version}"
+    with lend_base(_base_ref(args, "target"), placement=_placement(args)) as slot, \
+            tempfile.TemporaryDirectory() as workdir:
+        target = slot.info
+        if registry:
+            registry.base(target.family, target.version)  # registered, or refused before any work
+        plan = plan_folders(target, folders, old)
+        parent = open_revalidation(registry, target, plan) if registry else None
+        outcomes = []
+        for folder, candidate in zip(folders, plan.candidates):
+            outcomes.append(revalidate(slot, folder, candidate, Path(args.data), gate, Path(workdir)))
+            if registry:
+                outcomes[-1] = record_outcome(registry, parent, target, outcomes[-1])
+        if registry:
+            close_revalidation(registry, parent, target, plan, outcomes, crashed=[], whole_family=False)
+    new_base = f"{target.family}/{target.version}"
+    payload = {"new_base": new_base, "placement": outcomes[0].placement if outcomes else "", "old_metric": old_label,
+               "adapters": {str(f): o.as_dict() for f, o in zip(folders, outcomes)}}
     if registry:
-        registry.base(target.family, target.version)
-    outcomes = transfer_fleet(model, tokenizer, target, args.adapters, tasks, old_metrics, progress=not args.json)
-    payload = {"new_base": f"{target.family}/{target.version}", "placement": placed(model), "old_metric": old_label,
-               "adapters": outcomes}
-    if registry:
-        from .tracking import record_update
-
-        payload["run_id"] = record_update(registry, target, outcomes)
+        payload["run_id"] = parent
     lines = []
-    for adapter, o in outcomes.items():
-        if o["verdict"] != "compatible":
-            lines += [f"== {adapter}: {o['verdict']}"] + [f"  - {m}" for m in o["mismatches"]]
-            continue
-        lines += [f"== {adapter}: compatible ({o['trained_on']} -> {payload['new_base']}; old metric {old_label})",
-                  f"{'task':<14}{'old EM':>10}{'new EM':>10}{'retention':>11}"]
-        for task, new in o["new"].items():
-            retention = o["retention"][task]
-            lines.append(f"{task:<14}{o['old'][task]['exact_match']:>10.3f}{new['exact_match']:>10.3f}"
-                         + (f"{retention:>11.2f}" if retention is not None else f"{'-':>11}"))
+    for folder, o in zip(folders, outcomes):
+        lines.append(f"== {folder}: {o.decision} ({o.source_version or '?'} -> {new_base}; old metric {old_label})")
+        if o.new:
+            lines.append(f"{'task':<14}{'old EM':>10}{'new EM':>10}{'retention':>11}")
+            for task, new in o.new.items():
+                before = o.old.get(task)
+                retention = f"{new / before:.2f}" if before else "-"
+                lines.append(f"{task:<14}{before or 0:>10.3f}{new:>10.3f}{retention:>11}")
+        lines += [f"  - {reason}" for reason in o.reasons]
     _emit(args, payload, "\n".join(lines))
-    return EXIT_INCOMPATIBLE if any(o["verdict"] != "compatible" for o in outcomes.values()) else 0
+    return EXIT_INCOMPATIBLE if any(o.decision == "failed" for o in outcomes) else 0
+
+
+def _gate(params_file: str):
+    """The gate of ``params_file`` when there is one, else the gate's defaults (params.yaml's)."""
+    from .params import Gate, load_params
+
+    return load_params(params_file).gate if Path(params_file).is_file() else Gate()
 
 
 def cmd_bases_register(args) -> int:
-    import os
-
     from .bases import describe_base
     from .events import (BASE_REGISTERED, TRANSFER_DEPLOYMENT, EventNotDelivered, base_registered_event,
                          check_reachable, emit, prefect_api_url)
 
-    if args.json:  # MLflow prints "View run ... at" on stdout when a run ends, which breaks the JSON
-        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     registry = _registry(args)
     api_url = None if args.no_event else prefect_api_url(args.prefect_api_url)
     if api_url:
@@ -486,13 +502,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = _parser("transfer", sub, "put adapters on a new base (loaded once): compatibility verdict, old vs new metric",
+    p = _parser("transfer", sub, "put adapters on a new base (loaded once) and judge them by the gate, as the "
+                                 "revalidation flow does: decision, old vs new metric, and with --track the same "
+                                 "MLflow record",
                 "transpeft transfer adapters/tp-v1 --from demo/bases/v1 --to demo/bases/v2 --data demo/data",
                 "transpeft transfer adapters/* --to demo/bases/v2 --data demo/data --track")
     p.add_argument("adapters", nargs="+", help="adapter folders")
     _add_base(p, "--to", dest="target", what="new base")
     _add_base(p, "--from", dest="source", required=False, what="old base (default: the metrics recorded at training)")
     p.add_argument("--data", required=True, help="folder of task folders")
+    p.add_argument("--params", default="params.yaml",
+                   help="the params file whose gate judges each adapter (default: params.yaml; where there is none, "
+                        "the gate's defaults); a failing adapter is flagged here, never re-tuned")
     _add_placement(p)
     _add_tracking(p)
     _add_json(p)
@@ -569,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
     # Raised inside peft on every training start; nothing a user can act on.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
     args = build_parser().parse_args(argv)
+    if getattr(args, "json", False):  # MLflow prints "View run ... at" on stdout when a run ends: not JSON
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
         return args.func(args)
     except IncompatibleBase as e:

@@ -103,17 +103,3 @@ def generate_flags(model, tokenizer, examples: list[Example]) -> list[bool]:
         model.train(was_training)
     return flags
 
-
-def evaluate_adapters(base_model, tokenizer, base, adapter_dirs, tasks, batch_size: int = 32,
-                      progress: bool = False) -> dict[str, dict]:
-    """Evaluate many adapters on one base loaded once (hot swap).
-
-    Each adapter is scored on the tasks it was trained on (all ``tasks`` if none of them match).
-    A failing adapter gets ``{"error": ...}`` and never stops the others.
-    """
-    from .transfer import transfer_fleet
-
-    outcomes = transfer_fleet(base_model, tokenizer, base, list(adapter_dirs), tasks, batch_size=batch_size,
-                              progress=progress)
-    return {key: o["new"] if o["verdict"] == "compatible" else {"error": "; ".join(o["mismatches"])}
-            for key, o in outcomes.items()}

@@ -9,9 +9,38 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from .adapters import AdapterFileError
+from .data import load_tasks
+from .placement import placed
 from .tracking import AdapterRecord, BaseRecord, Registry
+from .transfer import IncompatibleBase, score_adapter
+
+
+@dataclass(frozen=True)
+class Check:
+    """One served adapter re-evaluated on its base, against its registry baseline."""
+
+    adapter: str
+    base_family: str
+    base_version: str
+    model_version: str
+    baseline: dict[str, float]  # exact match per task recorded on the registry version
+    current: dict[str, float]  # tonight's
+    regressions: list[str]  # one line per problem; empty when it holds
+    placement: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def line(self) -> str:
+        return f"{self.adapter} on {self.base_family}/{self.base_version}: {'; '.join(self.regressions)}"
+
+    @classmethod
+    def unscorable(cls, base: BaseRecord, record: AdapterRecord, error: str) -> Check:
+        """An adapter whose base could not be scored at all (even after retries)."""
+        return cls(record.name, base.family, base.version, record.model_version, record.metrics, {},
+                   [f"cannot be evaluated: {error}"])
 
 
 def unrevalidated(registry: Registry, family: str | None = None) -> list[BaseRecord]:
@@ -40,18 +69,39 @@ def regressions(baseline: dict[str, float], current: dict[str, float], tolerance
     return lines
 
 
-def record_nightly(registry: Registry, results: list[dict], tolerance: float) -> str:
+def check_served(slot, base: BaseRecord, adapters: dict[str, tuple[AdapterRecord, Path]], data_dir: str | Path,
+                 tolerance: float) -> list[Check]:
+    """Every adapter served on ``base`` (record and files, by name) scored on the base lent in
+    ``slot``, each against its baseline; one that cannot be loaded any more is a regression."""
+    changed = slot.info.fingerprint != base.fingerprint
+    tasks = {t.name: t for t in load_tasks(data_dir, sorted({t for r, _ in adapters.values() for t in r.metrics}))}
+    checks = []
+    for name, (record, files) in sorted(adapters.items()):
+        started = time.perf_counter()
+        try:
+            scores = score_adapter(slot.model, slot.tokenizer, slot.info, files, [tasks[t] for t in record.metrics])
+            current = {t: m.exact_match for t, m in scores.items()}
+            lines = regressions(record.metrics, current, tolerance)
+        except (AdapterFileError, IncompatibleBase) as e:
+            current, lines = {}, [f"cannot be evaluated: {'; '.join(getattr(e, 'mismatches', [str(e)]))}"]
+        if changed:
+            lines.insert(0, f"base {base.version} changed since registration (fingerprint {slot.info.fingerprint})")
+        checks.append(Check(name, base.family, base.version, record.model_version, record.metrics, current, lines,
+                            placed(slot.model), {"evaluate": round(time.perf_counter() - started, 2)}))
+    return checks
+
+
+def record_nightly(registry: Registry, checks: list[Check], tolerance: float) -> str:
     """One run in the `nightly` experiment: every score as a metric, the regressions as an artifact."""
     run = registry.start_run("nightly", time.strftime("nightly %Y-%m-%d %H:%M"), {"tolerance": tolerance})
-    metrics = {f"{r['adapter']}.{r['base_version']}.{task}": v for r in results for task, v in r["current"].items()}
-    failing = [r for r in results if r["regressions"]]
-    placements = sorted({r["placement"] for r in results if r.get("placement")})
-    registry.log(run, metrics={**metrics, "adapters": len(results), "regressions": len(failing)},
+    metrics = {f"{c.adapter}.{c.base_version}.{task}": v for c in checks for task, v in c.current.items()}
+    failing = [c for c in checks if c.regressions]
+    placements = sorted({c.placement for c in checks if c.placement})
+    registry.log(run, metrics={**metrics, "adapters": len(checks), "regressions": len(failing)},
                  tags={"placement": ", ".join(placements)})
-    lines = ["# Nightly regressions", "", f"{len(failing)} of {len(results)} served adapters regressed "
+    lines = ["# Nightly regressions", "", f"{len(failing)} of {len(checks)} served adapters regressed "
              f"(tolerance {tolerance}).", ""]
-    lines += [f"- {r['adapter']} on {r['base_family']}/{r['base_version']}: {'; '.join(r['regressions'])}"
-              for r in failing]
+    lines += [f"- {c.line()}" for c in failing]
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "regressions.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
         registry.log_files(run, tmp, "report")

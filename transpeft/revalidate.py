@@ -1,8 +1,17 @@
 """Revalidation: what happens to each adapter of a family when a new base version arrives.
 
-``plan`` asks the registry which adapters to carry over (each from the latest earlier base it serves
-on); ``revalidate`` puts one adapter on the new base and judges it; ``judge`` is the gate of
-params.yaml, on every task of the adapter:
+One lifecycle, whoever starts it (the flow transfer-on-base-update, its nightly reconciler, or
+``transpeft transfer --track``):
+
+    plan (or plan_folders)   which adapters to carry over, each with its scores on the old base
+    open_revalidation        the MLflow parent run
+    revalidate               one adapter put on the new base and judged: an ``Outcome``
+    record_outcome           its child run and its registry version on the new base
+    close_revalidation       counts, reports and the base marked revalidated: a ``Summary``
+
+``plan`` asks the registry (each adapter from the latest earlier base it serves on);
+``plan_folders`` takes adapter folders as they are. ``judge`` is the gate of params.yaml, on every
+task of the adapter:
 
     retention   new exact match / exact match on the old base      >= gate.min_retention
     score       new exact match                                    >= gate.min_score
@@ -16,20 +25,22 @@ evaluated: incompatible base, unreadable files, missing data, diverged re-tuning
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from .adapters import AdapterFileError, read_manifest
+from .adapters import AdapterFileError, Manifest, read_manifest
 from .bases import BaseInfo
 from .data import DataError, Task, load_tasks
 from .evaluate import evaluate
 from .params import Gate
 from .placement import placed
-from .tracking import AdapterRecord, BaseRecord, NotRegistered, Registry
+from .report import registry_matrix, write_decisions, write_report
+from .tracking import AdapterRecord, BaseRecord, NotRegistered, Registry, adapter_name
 from .train import TrainConfig, TrainingDiverged, train_adapter
-from .transfer import IncompatibleBase, load_adapter, unload_adapter
+from .transfer import IncompatibleBase, score_adapter, unload_adapter
 
 DECISIONS = ("passed", "retuned", "flagged", "failed")
 SERVABLE = ("trained", "transferred", "retuned")  # registry statuses an adapter can be carried over from
@@ -37,10 +48,17 @@ SERVABLE = ("trained", "transferred", "retuned")  # registry statuses an adapter
 
 @dataclass(frozen=True)
 class Candidate:
-    """An adapter to carry over to the new base, and the registered version it comes from."""
+    """An adapter to carry over to the new base: where it comes from and what it scored there."""
 
     name: str
-    source: AdapterRecord
+    source_version: str  # the base version it is carried over from
+    old: dict[str, float]  # exact match per task on that base
+    record: AdapterRecord | None = None  # the registry version holding its files (None: a local folder)
+    manifest: Manifest | None = None  # the folder's, when already read
+
+    @classmethod
+    def registered(cls, record: AdapterRecord) -> Candidate:
+        return cls(record.name, record.base_version, dict(record.metrics), record)
 
 
 @dataclass(frozen=True)
@@ -66,8 +84,26 @@ def plan(registry: Registry, family: str, version: str) -> Plan:
             continue
         servable = [r for r in mine if r.serving and r.status in SERVABLE and r.base_version in earlier]
         if servable:
-            candidates.append(Candidate(name, max(servable, key=lambda r: earlier.index(r.base_version))))
+            candidates.append(Candidate.registered(max(servable, key=lambda r: earlier.index(r.base_version))))
     return Plan(target, candidates, done)
+
+
+def plan_folders(target: BaseRecord | BaseInfo, folders: list[Path],
+                 old: dict[str, dict[str, float]] | None = None) -> Plan:
+    """Adapter folders to carry over to ``target`` as they are. ``old``: each folder's exact match per
+    task on the old base when measured; else what its manifest recorded at training. A folder whose
+    manifest cannot be read is still planned: ``revalidate`` reports it as failed."""
+    candidates = []
+    for folder in folders:
+        try:
+            manifest = read_manifest(folder)
+        except AdapterFileError:
+            candidates.append(Candidate(adapter_name(folder), "", {}))
+            continue
+        recorded = {t: m["exact_match"] for t, m in manifest.metrics.items()}
+        candidates.append(Candidate(adapter_name(folder), manifest.base.version,
+                                    (old or {}).get(str(folder), recorded), manifest=manifest))
+    return Plan(target, candidates, [])
 
 
 @dataclass(frozen=True)
@@ -107,18 +143,20 @@ class Outcome:
     seconds: dict[str, float] = field(default_factory=dict)  # evaluate, retune
     placement: str = ""  # where the base ran, e.g. "cuda:0 bfloat16"
     model_version: str | None = None  # its registry version on the new base, once recorded
+    manifest: Manifest | None = None  # adapter_dir's, read once and handed on to the registry
 
     @property
     def served_scores(self) -> dict[str, float]:
         return self.retuned if self.retuned is not None else self.new
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "manifest"}
 
     @classmethod
     def crashed(cls, candidate: Candidate, error: str) -> Outcome:
         """An adapter whose judging raised even after its retries: failed, left for the reconciler."""
-        return cls(candidate.name, candidate.source.base_version, "failed", reasons=[f"crashed: {error}"])
+        return cls(candidate.name, candidate.source_version, "failed", reasons=[f"crashed: {error}"],
+                   old=dict(candidate.old))
 
 
 _zero_shot: dict[tuple[str, str], float] = {}
@@ -140,10 +178,6 @@ def zero_shot(model, tokenizer, base: BaseInfo, tasks: list[Task], batch_size: i
     return scores
 
 
-def _scores(model, tokenizer, tasks: list[Task], batch_size: int) -> dict[str, float]:
-    return {t.name: evaluate(model, tokenizer, list(t.eval), batch_size).exact_match for t in tasks}
-
-
 def retune_config(training: dict, gate: Gate) -> TrainConfig:
     """The adapter's own schedule, cut to the re-tuning budget, with Trans-PEFT's regularisers on."""
     kept = {f.name: training[f.name] for f in fields(TrainConfig) if f.name in training}
@@ -154,55 +188,50 @@ def revalidate(slot, adapter_dir: Path, candidate: Candidate, data_dir: Path, ga
                batch_size: int = 32, progress: bool = False) -> Outcome:
     """Transfer one adapter onto the base lent in ``slot`` (model, tokenizer, info), judge it, and
     re-tune or flag it as the gate says. ``slot.model`` is the bare base again afterwards."""
-    outcome = Outcome(candidate.name, candidate.source.base_version, "failed", old=dict(candidate.source.metrics))
+    outcome = Outcome(candidate.name, candidate.source_version, "failed", old=dict(candidate.old))
     target = slot.info
     outcome.placement = placed(slot.model)
     started = time.perf_counter()
     try:
-        manifest = read_manifest(adapter_dir)
+        manifest = candidate.manifest or read_manifest(adapter_dir)
         tasks = load_tasks(data_dir, list(manifest.tasks))
+        scores = score_adapter(slot.model, slot.tokenizer, target, adapter_dir, tasks, manifest, batch_size)
         outcome.zero_shot = zero_shot(slot.model, slot.tokenizer, target, tasks, batch_size)
-        adapted = load_adapter(slot.model, target, adapter_dir)
-        try:
-            outcome.new = _scores(adapted, slot.tokenizer, tasks, batch_size)
-        finally:
-            slot.model = unload_adapter(adapted, manifest.method.name)
     except IncompatibleBase as e:
         outcome.reasons = [f"incompatible with {target.family}/{target.version}: {m}" for m in e.mismatches]
         return outcome
     except (AdapterFileError, DataError) as e:
         outcome.reasons = [str(e)]
         return outcome
+    outcome.new = {task: m.exact_match for task, m in scores.items()}
     outcome.seconds["evaluate"] = round(time.perf_counter() - started, 2)
 
     verdict = judge(outcome.new, outcome.old, outcome.zero_shot, gate)
     outcome.reasons = list(verdict.reasons)
-    if verdict.passed:
-        outcome.decision, outcome.adapter_dir = "passed", str(adapter_dir)
-        return outcome
-    if gate.on_fail == "flag":
-        outcome.decision, outcome.adapter_dir = "flagged", str(adapter_dir)
+    if verdict.passed or gate.on_fail == "flag":
+        outcome.decision = "passed" if verdict.passed else "flagged"
+        outcome.adapter_dir, outcome.manifest = str(adapter_dir), manifest
         return outcome
 
     started = time.perf_counter()
     out = Path(workdir) / f"{candidate.name}-retuned"
     try:
-        adapted, _, _ = train_adapter(slot.model, slot.tokenizer, target, tasks, manifest.method,
-                                      retune_config(manifest.training, gate), out, progress=progress,
-                                      warm_start=adapter_dir)
+        adapted, retuned, _ = train_adapter(slot.model, slot.tokenizer, target, tasks, manifest.method,
+                                            retune_config(manifest.training, gate), out, progress=progress,
+                                            warm_start=adapter_dir)
     except TrainingDiverged as e:
         outcome.reasons.append(f"re-tuning diverged: {e}")
         slot.broken = True  # it still carries the half-trained adapter: the lender drops it
         return outcome
     slot.model = unload_adapter(adapted, manifest.method.name)
     outcome.seconds["retune"] = round(time.perf_counter() - started, 2)
-    outcome.retuned = {t: m["exact_match"] for t, m in read_manifest(out).metrics.items()}
+    outcome.retuned = {t: m["exact_match"] for t, m in retuned.metrics.items()}
     again = judge(outcome.retuned, outcome.old, outcome.zero_shot, gate)
     if again.passed:
-        outcome.decision, outcome.adapter_dir = "retuned", str(out)
+        outcome.decision, outcome.adapter_dir, outcome.manifest = "retuned", str(out), retuned
         outcome.reasons.append(f"re-tuned for {gate.retune_steps} steps: passes")
     else:
-        outcome.decision, outcome.adapter_dir = "flagged", str(adapter_dir)
+        outcome.decision, outcome.adapter_dir, outcome.manifest = "flagged", str(adapter_dir), manifest
         outcome.reasons.append(f"re-tuned for {gate.retune_steps} steps, still failing: " + "; ".join(again.reasons))
     return outcome
 
@@ -219,9 +248,10 @@ def open_revalidation(registry: Registry, target: BaseRecord, plan_: Plan) -> st
         "already_done": ",".join(plan_.done)})
 
 
-def record_outcome(registry: Registry, parent_run: str, target: BaseRecord, outcome: Outcome) -> AdapterRecord | None:
+def record_outcome(registry: Registry, parent_run: str, target: BaseRecord, outcome: Outcome) -> Outcome:
     """The adapter's child run and, unless it failed, its registry version on the new base: served
-    when it passed or was re-tuned, kept unserved (status failed-gate) when flagged."""
+    when it passed or was re-tuned, kept unserved (status failed-gate) when flagged. Returns the
+    outcome with that version."""
     child = registry.start_run("transfer", f"{outcome.adapter} -> {target.family}/{target.version}", {
         "adapter": outcome.adapter, "base_version": target.version, "source_version": outcome.source_version,
         "decision": outcome.decision, "placement": outcome.placement}, parent_run_id=parent_run)
@@ -232,36 +262,54 @@ def record_outcome(registry: Registry, parent_run: str, target: BaseRecord, outc
     registry.log(child, metrics=metrics, tags={"reasons": "; ".join(outcome.reasons)[:5000]})
     if outcome.decision == "failed":
         registry.finish_run(child, ok=False)
-        return None
+        return outcome
     registry.log_files(child, outcome.adapter_dir, "adapter")
     record = registry.register_adapter(
         outcome.adapter, Path(outcome.adapter_dir), target, REGISTRY_STATUS[outcome.decision],
         {t: {"exact_match": v} for t, v in outcome.served_scores.items()}, child,
-        transferred_from=outcome.source_version, serve=outcome.decision != "flagged",
+        transferred_from=outcome.source_version, serve=outcome.decision != "flagged", manifest=outcome.manifest,
         tags={"gate": "passed" if outcome.decision == "passed" else "; ".join(outcome.reasons)[:5000]})
     registry.finish_run(child)
-    return record
+    return replace(outcome, model_version=record.model_version)
 
 
-def summary_markdown(summary: dict, outcomes: list[Outcome]) -> str:
-    """The revalidation at a glance, for the flow run's artifact in the Prefect UI."""
-    lines = [f"# Revalidation of {summary['base']}", "",
-             f"passed {summary['passed']}, re-tuned {summary['retuned']}, flagged {summary['flagged']}, "
-             f"failed {summary['failed']}, already there {summary['already_done']} (MLflow run {summary['run_id']})",
-             "", "| adapter | from | decision | why |", "|---|---|---|---|"]
-    lines += [f"| {o.adapter} | {o.source_version} | {o.decision} | {'; '.join(o.reasons) or '-'} |"
-              for o in sorted(outcomes, key=lambda o: o.adapter)]
-    return "\n".join(lines)
+@dataclass(frozen=True)
+class Summary:
+    """One revalidation at a glance: how many adapters ended how, and where its record is."""
+
+    base: str  # family/version
+    state: str  # done, or incomplete when an adapter crashed (the reconciler runs it again)
+    run_id: str  # the MLflow parent run
+    passed: int
+    retuned: int
+    flagged: int
+    failed: int
+    already_done: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def line(self) -> str:
+        return (f"{self.base}: {self.passed} passed, {self.retuned} re-tuned, {self.flagged + self.failed} failed "
+                f"({self.flagged} flagged, {self.failed} could not be evaluated), {self.already_done} already "
+                f"there; MLflow run {self.run_id}")
+
+    def markdown(self, outcomes: list[Outcome]) -> str:
+        """The gate's decisions, for the flow run's artifact in the Prefect UI."""
+        lines = [f"# Revalidation of {self.base}", "",
+                 f"passed {self.passed}, re-tuned {self.retuned}, flagged {self.flagged}, failed {self.failed}, "
+                 f"already there {self.already_done} (MLflow run {self.run_id})",
+                 "", "| adapter | from | decision | why |", "|---|---|---|---|"]
+        lines += [f"| {o.adapter} | {o.source_version} | {o.decision} | {'; '.join(o.reasons) or '-'} |"
+                  for o in sorted(outcomes, key=lambda o: o.adapter)]
+        return "\n".join(lines)
 
 
 def close_revalidation(registry: Registry, parent_run: str, target: BaseRecord, plan_: Plan,
-                       outcomes: list[Outcome], crashed: list[str]) -> dict:
-    """Counts, the transfer report and the gate decisions on the parent run; the base version is
-    marked revalidated unless an adapter crashed (then the nightly reconciler runs it again)."""
-    import tempfile
-
-    from .report import registry_matrix, write_decisions, write_report
-
+                       outcomes: list[Outcome], crashed: list[str], whole_family: bool = True) -> Summary:
+    """Counts, the transfer report and the gate decisions on the parent run. When the plan was the
+    family's (``whole_family``), the base version is marked revalidated unless an adapter crashed
+    (then the nightly reconciler runs it again); a hand-picked set of folders marks nothing."""
     counts = {d: sum(o.decision == d for o in outcomes) for d in DECISIONS} | {"already_done": len(plan_.done)}
     title = f"{target.family}/{target.version}"
     with tempfile.TemporaryDirectory() as tmp:
@@ -272,6 +320,7 @@ def close_revalidation(registry: Registry, parent_run: str, target: BaseRecord, 
     registry.log(parent_run, metrics={f"adapters.{k}": v for k, v in counts.items()},
                  tags={"crashed": ",".join(crashed)})
     state = "incomplete" if crashed else "done"
-    registry.mark_revalidation(target.family, target.version, state, parent_run)
+    if whole_family:
+        registry.mark_revalidation(target.family, target.version, state, parent_run)
     registry.finish_run(parent_run, ok=not crashed)
-    return {"base": title, "state": state, "run_id": parent_run, **counts}
+    return Summary(title, state, parent_run, **counts)

@@ -188,7 +188,7 @@ def _task(name: str):
 def run_job(job: Job, key: str, config: StudyConfig) -> list[dict]:
     """Train what the job says, score it, return its rows (and keep the adapter for re-tuning)."""
     from .train import train_adapter
-    from .transfer import transfer_fleet, unload_adapter
+    from .transfer import score_adapter, unload_adapter
 
     inputs: Inputs = _STATE["inputs"]
     tasks = [_task(job.task)]
@@ -214,11 +214,9 @@ def run_job(job: Job, key: str, config: StudyConfig) -> list[dict]:
     arm = "direct" if job.p_c == job.p_i == 0 else "transpeft"
     for new in job.score_on:
         target = _base(new)
-        outcome = transfer_fleet(target[0], target[1], target[2], [adapter], tasks)[str(adapter)]
-        if outcome["verdict"] != "compatible":
-            raise RuntimeError(f"{adapter} cannot be put on {new}: {outcome['mismatches']}")
-        rows += [{"task": t, "update": f"{job.base}->{new}", "arm": arm, **common, "exact_match": m["exact_match"]}
-                 for t, m in outcome["new"].items()]
+        scores = score_adapter(target[0], target[1], target[2], adapter, tasks, manifest)
+        rows += [{"task": t, "update": f"{job.base}->{new}", "arm": arm, **common, "exact_match": m.exact_match}
+                 for t, m in scores.items()]
     return rows
 
 

@@ -267,15 +267,16 @@ class Registry:
 
     def register_adapter(self, name: str, adapter_dir: Path, base: BaseInfo, status: str, metrics: dict,
                          run_id: str, transferred_from: str | None = None, serve: bool = True,
-                         tags: dict | None = None) -> AdapterRecord:
-        """Record that the adapter (files logged under ``run_id``/adapter) is valid on ``base``."""
+                         tags: dict | None = None, manifest: Manifest | None = None) -> AdapterRecord:
+        """Record that the adapter (files logged under ``run_id``/adapter) is valid on ``base``;
+        ``manifest``: the folder's, when the caller has read it already."""
         if status not in ADAPTER_STATUSES:
             raise ValueError(f"adapter status must be one of {ADAPTER_STATUSES}, got {status!r}")
         registered = self.base(base.family, base.version)
         if registered.fingerprint != base.fingerprint:
             raise RegistryConflict(f"base {base.family}/{base.version} differs from the registered one "
                                    f"(fingerprint {base.fingerprint} vs {registered.fingerprint})")
-        manifest = read_manifest(adapter_dir)
+        manifest = manifest or read_manifest(adapter_dir)
         model = ADAPTER_PREFIX + name
         for record in self.adapter_versions(name):
             same = self.client.get_model_version(model, record.model_version).tags.get("weights_sha256")
@@ -376,37 +377,6 @@ def _flat_metrics(metrics: dict[str, dict]) -> dict[str, float]:
 def adapter_name(directory: Path) -> str:
     """An adapter's registry name: its folder name."""
     return Path(directory).resolve().name
-
-
-def record_update(registry: Registry, target: BaseInfo, outcomes: dict[str, dict]) -> str:
-    """One parent run for a base update, a child run per adapter, registration of each compatible
-    adapter on the new base, and the transfer report (table + heatmap) on the parent run."""
-    from .report import registry_matrix, write_report
-
-    parent = registry.start_run("transfer", f"update {target.family}/{target.version}",
-                                {"base_family": target.family, "base_version": target.version,
-                                 "adapters": len(outcomes)})
-    for directory, outcome in outcomes.items():
-        name = adapter_name(Path(directory))
-        child = registry.start_run("transfer", f"{name} -> {target.family}/{target.version}",
-                                   {"adapter": name, "base_version": target.version, "verdict": outcome["verdict"]},
-                                   parent_run_id=parent)
-        if outcome["verdict"] != "compatible":
-            registry.log(child, tags={"mismatches": "; ".join(outcome["mismatches"])[:5000]})
-            registry.finish_run(child, ok=False)
-            continue
-        registry.log(child, metrics={**_flat_metrics({t: m for t, m in outcome["new"].items()}),
-                                     **{f"old_exact_match.{t}": m["exact_match"] for t, m in outcome["old"].items()}})
-        registry.log_files(child, directory, "adapter")
-        trained_on = outcome["trained_on"].split("/")[-1]
-        registry.register_adapter(name, Path(directory), target, "trained" if trained_on == target.version
-                                  else "transferred", outcome["new"], child, transferred_from=trained_on)
-        registry.finish_run(child)
-    with tempfile.TemporaryDirectory() as tmp:
-        write_report(registry_matrix(registry.adapters()), Path(tmp), f"Transfer report: {target.family} up to {target.version}")
-        registry.log_files(parent, tmp, "report")
-    registry.finish_run(parent)
-    return parent
 
 
 def log_study(uri: str | None, summary: dict, out: Path) -> str:

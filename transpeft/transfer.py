@@ -9,6 +9,9 @@ weight after it.
 Only a mismatch is ``IncompatibleBase``. Any other failure while loading (out of memory, a CUDA
 error, a bug) propagates as it is: the revalidation retries it and reports the adapter as crashed,
 so the nightly reconciler runs it again, instead of recording "incompatible" for good.
+
+``score_adapter`` is the one way an adapter is scored on a base: the revalidation, the nightly
+run, the DVC transfer stage, ``transpeft evaluate`` and the study all call it.
 """
 
 from __future__ import annotations
@@ -18,9 +21,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from tqdm.auto import tqdm
 
-from .adapters import WEIGHTS_NAME, Manifest, read_manifest
+from .adapters import WEIGHTS_NAME, AdapterFileError, Manifest, read_manifest
 from .bases import BaseInfo
+from .data import Task
+from .evaluate import Metrics, evaluate
 from .methods import get_method
 from .regularisers import linear_shape
 
@@ -87,10 +93,11 @@ def is_mismatch(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and "size mismatch" in str(error)
 
 
-def load_adapter(model: nn.Module, base: BaseInfo, directory: str | Path) -> nn.Module:
-    """``model`` (the base) carrying the adapter in ``directory``, in eval mode; see module docstring."""
+def load_adapter(model: nn.Module, base: BaseInfo, directory: str | Path, manifest: Manifest | None = None) -> nn.Module:
+    """``model`` (the base) carrying the adapter in ``directory``, in eval mode; see module docstring.
+    ``manifest``: the folder's, when the caller has already read (and checksummed) it."""
     directory = Path(directory)
-    manifest = read_manifest(directory)
+    manifest = manifest or read_manifest(directory)
     problems = compatibility(manifest, model, base)
     if problems:
         raise IncompatibleBase(directory, base, problems)
@@ -115,41 +122,37 @@ def unload_adapter(model: nn.Module, method_name: str) -> nn.Module:
     return get_method(method_name).detach(model)
 
 
-def transfer_fleet(model: nn.Module, tokenizer, target: BaseInfo, adapter_dirs: list[Path], tasks,
-                   old_metrics: dict[str, dict] | None = None, batch_size: int = 32,
-                   progress: bool = False) -> dict[str, dict]:
-    """Put each adapter on ``target`` (loaded once) and score it on its tasks.
+def own_tasks(manifest: Manifest, tasks: list[Task]) -> list[Task]:
+    """The tasks an adapter was trained on, among ``tasks`` (all of them if none match)."""
+    return [t for t in tasks if t.name in manifest.tasks] or list(tasks)
 
-    Returns, per adapter folder, ``{"verdict": "compatible", "old": ..., "new": ..., "retention": ...}`` or
-    ``{"verdict": "incompatible" | "unreadable", "mismatches": [...]}``. ``old`` is the metric on the old
-    base: ``old_metrics[folder]`` when given, else what the manifest recorded at training.
-    A failing adapter never stops the others.
+
+def score_adapter(model: nn.Module, tokenizer, base: BaseInfo, directory: str | Path, tasks: list[Task],
+                  manifest: Manifest | None = None, batch_size: int = 32) -> dict[str, Metrics]:
+    """The adapter in ``directory`` scored on ``model`` (the base), per task; the base is bare again
+    afterwards. Raises what ``load_adapter`` raises, before any scoring."""
+    manifest = manifest or read_manifest(directory)
+    adapted = load_adapter(model, base, directory, manifest)
+    try:
+        return {t.name: evaluate(adapted, tokenizer, list(t.eval), batch_size) for t in tasks}
+    finally:
+        unload_adapter(adapted, manifest.method.name)  # in place: ``model`` is the bare base again
+
+
+def evaluate_adapters(model: nn.Module, tokenizer, base: BaseInfo, adapter_dirs, tasks: list[Task],
+                      batch_size: int = 32, progress: bool = False) -> dict[str, dict]:
+    """Many adapters scored on one base loaded once (hot swap), each on its own tasks.
+
+    Returns, per adapter folder, ``{task: metrics}`` or ``{"error": ...}``: a failing adapter never
+    stops the others.
     """
-    from tqdm.auto import tqdm
-
-    from .adapters import AdapterFileError
-    from .evaluate import evaluate
-
-    outcomes = {}
-    for directory in tqdm(adapter_dirs, desc="evaluate", unit="adapter", disable=not progress, leave=False):
-        key = str(directory)
+    results = {}
+    for directory in tqdm(list(adapter_dirs), desc="evaluate", unit="adapter", disable=not progress, leave=False):
         try:
             manifest = read_manifest(directory)
-            adapted = load_adapter(model, target, directory)
-        except AdapterFileError as e:
-            outcomes[key] = {"verdict": "unreadable", "mismatches": [str(e)]}
+            scores = score_adapter(model, tokenizer, base, directory, own_tasks(manifest, tasks), manifest, batch_size)
+        except (AdapterFileError, IncompatibleBase) as e:
+            results[str(directory)] = {"error": "; ".join(getattr(e, "mismatches", [str(e)]))}
             continue
-        except IncompatibleBase as e:
-            outcomes[key] = {"verdict": "incompatible", "mismatches": e.mismatches}
-            continue
-        try:
-            own = [t for t in tasks if t.name in manifest.tasks] or list(tasks)
-            new = {t.name: evaluate(adapted, tokenizer, list(t.eval), batch_size).as_dict() for t in own}
-        finally:
-            model = unload_adapter(adapted, manifest.method.name)
-        old = (old_metrics or {}).get(key, manifest.metrics)
-        retention = {t: new[t]["exact_match"] / old[t]["exact_match"] if old.get(t, {}).get("exact_match") else None
-                     for t in new}
-        outcomes[key] = {"verdict": "compatible", "trained_on": f"{manifest.base.family}/{manifest.base.version}",
-                         "old": old, "new": new, "retention": retention}
-    return outcomes
+        results[str(directory)] = {task: m.as_dict() for task, m in scores.items()}
+    return results

@@ -28,7 +28,7 @@ from ..drift import activation_similarity, layer_drift  # noqa: E402
 from .family import task_inputs  # noqa: E402
 from ..stages import ADAPTERS, BASES  # noqa: E402
 from ..tracking import Registry  # noqa: E402
-from ..transfer import transfer_fleet  # noqa: E402
+from ..transfer import evaluate_adapters  # noqa: E402
 
 ARMS = ("fine-tune on old", "direct transfer", "Trans-PEFT transfer", "re-tuned (plain)", "re-tuned (Trans-PEFT)",
         "fine-tune on new")
@@ -57,9 +57,9 @@ def collect(uri: str, tasks: list[str], data_dir: Path, retune_steps: int) -> di
         as_is = {}
         for version in new_versions:
             model, tokenizer, info = load_base(BaseRef(str(BASES / version), family=FAMILY, version=version))
-            outcomes = transfer_fleet(model, tokenizer, info, list(files.values()), list(task_data.values()))
+            scores = evaluate_adapters(model, tokenizer, info, list(files.values()), list(task_data.values()))
             for (task, run), path in files.items():
-                as_is[(task, run, version)] = outcomes[str(path)]["new"][task]["exact_match"]
+                as_is[(task, run, version)] = scores[str(path)][task]["exact_match"]
 
     arms: dict[str, dict[str, dict[str, float | None]]] = {}  # version -> task -> arm -> score
     decisions = []

@@ -14,8 +14,8 @@ import sys
 from ..adapters import read_manifest
 from ..bases import load_base
 from ..data import load_task
-from ..evaluate import evaluate_adapters
 from ..params import load_params
+from ..transfer import evaluate_adapters
 from . import ADAPTERS, DATA, METRICS
 from .bases import base_ref
 

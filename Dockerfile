@@ -13,12 +13,12 @@
 ARG BASE=python:3.11-slim-bookworm
 FROM ${BASE}
 
-# make and git run the README's steps (DVC versions the data in the repository's git); curl for
-# mlflow/up's health check; python3-venv for the ubuntu-based GPU image. Not pinned: the base image
+# make and git run the README's steps (DVC versions the data in the repository's git); python3-venv
+# for the ubuntu-based GPU image. Not pinned: the base image
 # (Debian or Ubuntu, a build argument) decides which versions exist, and these are plain tools.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends make git curl python3 python3-venv \
+    && apt-get install -y --no-install-recommends make git python3 python3-venv \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /transpeft

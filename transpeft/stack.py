@@ -6,33 +6,32 @@
 
 Run from the project root (the directory holding prefect.yaml) or below it. Everything binds to
 127.0.0.1 and keeps its state under the project, so a restart finds it again:
-    .prefect/        Prefect's home and SQLite database (deployments, flow runs, work pool)
-    mlflow/store/    MLflow's SQLite database and artifacts (mlflow/up; MLFLOW_STORE_DIR moves it)
-    .stack/          pid files, logs/<component>.log, webhook.secret (TRANSPEFT_STACK_DIR moves it)
+    .prefect/        Prefect's home and SQLite database (deployments, flow runs, work pool), server.pid
+    mlflow/store/    MLflow's SQLite database, artifacts, mlflow.pid and log (MLFLOW_STORE_DIR moves it)
+    .stack/          the other pid files, logs/<component>.log, webhook.secret (TRANSPEFT_STACK_DIR moves it)
 Ports: PREFECT_PORT (4200), MLFLOW_PORT (5000), TRANSPEFT_WEBHOOK_PORT (5055).
 
-The core never imports Prefect: this module drives the `prefect` and `mlflow` command lines that sit
-next to the running interpreter, and talks to the servers' REST APIs.
+This is the one supervisor of the stack's processes: mlflow/up and mlflow/down call start_mlflow and
+stop through `python -m transpeft.stack up|down PROJECT`. Prefect is imported inside the functions
+that ask the server through its client, never when the module loads.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import hashlib
-import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
+import psutil
 import yaml
 
 from .health import health_problem
@@ -45,7 +44,12 @@ WORKER_NAME = "transpeft-local-worker"
 WEBHOOK_NAME = "transpeft-base-registered"
 WEBHOOK_EVENTS = ["model_version.created"]
 # What each process's command line contains; a pid file whose process does not match is stale (pid reuse).
-MARKERS = {"prefect-server": "server", "webhook-receiver": "webhook_receiver", "worker": "worker"}
+MARKERS = {"prefect-server": "server", "mlflow": "mlflow", "webhook-receiver": "webhook_receiver",
+           "worker": "worker"}
+PORT_VARIABLES = {"prefect-server": "PREFECT_PORT", "mlflow": "MLFLOW_PORT",
+                  "webhook-receiver": "TRANSPEFT_WEBHOOK_PORT"}
+# Workers before the server they poll (a worker whose server is gone retries for a long time), MLflow last.
+STOP_ORDER = ("worker", "webhook-receiver", "prefect-server", "mlflow")
 
 
 class StackError(Exception):
@@ -94,8 +98,18 @@ class Stack:
     def webhook_url(self) -> str:
         return f"http://{HOST}:{self.webhook_port}/"
 
+    def where(self, name: str) -> str:
+        return {"prefect-server": self.prefect_url, "mlflow": self.mlflow_url, "webhook-receiver": self.webhook_url,
+                "worker": f"pool {WORK_POOL}"}[name]
+
+    def port(self, name: str) -> int | None:
+        return {"prefect-server": self.prefect_port, "mlflow": self.mlflow_port,
+                "webhook-receiver": self.webhook_port}.get(name)
+
     def pid_file(self, name: str) -> Path:
-        return self.mlflow_store / "mlflow.pid" if name == "mlflow" else self.state / f"{name}.pid"
+        # The server's is Prefect's own, so `prefect server stop` and `start --background` know about it.
+        return {"prefect-server": self.prefect_home / "server.pid",
+                "mlflow": self.mlflow_store / "mlflow.pid"}.get(name, self.state / f"{name}.pid")
 
     def log_file(self, name: str) -> Path:
         return self.mlflow_store / "mlflow.log" if name == "mlflow" else self.state / "logs" / f"{name}.log"
@@ -111,9 +125,7 @@ class Stack:
         env = dict(os.environ)
         env.update(PATH=f"{self.bin}{os.pathsep}{env.get('PATH', '')}",
                    PREFECT_HOME=str(self.prefect_home), PREFECT_API_URL=self.prefect_api_url,
-                   PREFECT_SERVER_ANALYTICS_ENABLED="false", MLFLOW_TRACKING_URI=self.mlflow_url,
-                   MLFLOW_PORT=str(self.mlflow_port), MLFLOW_STORE_DIR=str(self.mlflow_store),
-                   MLFLOW_BIN=self.tool("mlflow"))
+                   PREFECT_SERVER_ANALYTICS_ENABLED="false", MLFLOW_TRACKING_URI=self.mlflow_url)
         env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         env.update(extra)
         return env
@@ -136,21 +148,20 @@ def _port(env: Mapping[str, str], key: str, default: int) -> int:
 
 def up(stack: Stack, say: Callable[[str], None] = print) -> None:
     """Start every component that is not running, deploy prefect.yaml; idempotent."""
-    for needed in ("mlflow/up", "mlflow/webhook_receiver.py"):
+    for needed in ("mlflow/server.env", "mlflow/webhook_receiver.py"):
         if not (stack.project / needed).exists():
             raise StackError(f"{stack.project / needed} is missing; is {stack.project} the transpeft project?")
     (stack.state / "logs").mkdir(parents=True, exist_ok=True)
     stack.prefect_home.mkdir(parents=True, exist_ok=True)
     say(f"stack of {stack.project} (state in {stack.state})")
-    # The Prefect server migrates its database while mlflow/up waits for MLflow: start both at once.
-    running = _running(stack, "prefect-server", say, stack.prefect_url)
+    # The Prefect server migrates its database while MLflow starts: start both at once.
+    running = _running(stack, "prefect-server", say)
     server = running or start_prefect_server(stack, say)
     start_mlflow(stack, say)
     # Waited for even when it was running: another `up` may have just started it.
-    _wait_until("prefect-server", stack, lambda: _answers(stack.prefect_api_url + "/health"), server, 90,
-                f"if port {stack.prefect_port} is taken, set PREFECT_PORT to a free one")
+    _wait(stack, "prefect-server", server, 90)
     if not running:
-        say(f"prefect-server: up at {stack.prefect_url} (pid {server})")
+        say(f"prefect-server: up at {stack.prefect_url} (pid {server.pid})")
     secret = webhook_secret(stack)
     start_webhook_receiver(stack, secret, say)
     try:
@@ -159,9 +170,8 @@ def up(stack: Stack, say: Callable[[str], None] = print) -> None:
         raise StackError(f"mlflow webhook: could not register {WEBHOOK_NAME} at {stack.mlflow_url}: {e}. The server "
                          f"needs the webhook settings of mlflow/server.env; log {stack.log_file('mlflow')}") from e
     say(f"mlflow webhook {WEBHOOK_NAME}: {action} -> {stack.webhook_url}")
-    ensure_work_pool(stack, say)
+    start_worker(stack, say)  # before the deploy: the worker creates the work pool the deployments name
     deploy(stack, say)
-    start_worker(stack, say)
     say(f"""
 Prefect UI  {stack.prefect_url}
 MLflow UI   {stack.mlflow_url}
@@ -172,46 +182,57 @@ To run a deployment from a shell:
 Stop it all with `make down` (transpeft stack down).""")
 
 
-def start_prefect_server(stack: Stack, say) -> int:
-    """Spawn `prefect server start` (SQLite under .prefect/); its pid. Does not wait for it."""
-    _check_port_free(stack, "prefect-server", stack.prefect_port, "PREFECT_PORT")
-    say(f"prefect-server: starting at {stack.prefect_url} (log {stack.log_file('prefect-server')})")
+def start_prefect_server(stack: Stack, say) -> psutil.Process:
+    """Spawn `prefect server start` (SQLite under .prefect/); does not wait for it.
+
+    Not `--background`: its server writes its log to a pipe of the command that started it and is gone.
+    """
     cmd = [stack.tool("prefect"), "server", "start", "--host", BIND, "--port", str(stack.prefect_port),
            "--analytics-off"]
-    return _spawn(stack, "prefect-server", cmd, stack.env()).pid
+    process = _spawn(stack, "prefect-server", cmd, stack.env())
+    say(f"prefect-server: starting at {stack.prefect_url} (log {stack.log_file('prefect-server')})")
+    return process
 
 
 def start_mlflow(stack: Stack, say) -> None:
-    """mlflow/up: idempotent itself, waits for /health, enables webhooks (mlflow/server.env)."""
-    code = _run_script(stack, "mlflow/up", say)
-    if code != 0:
-        raise StackError(f"mlflow: mlflow/up failed (exit {code}, reason above; log {stack.log_file('mlflow')}); "
-                         f"if port {stack.mlflow_port} is taken, set MLFLOW_PORT to a free one")
+    """MLflow's tracking server with the settings of mlflow/server.env, which the environment overrides."""
+    if _running(stack, "mlflow", say):
+        return
+    store = stack.mlflow_store
+    store.mkdir(parents=True, exist_ok=True)
+    settings = {**_settings(stack.project / "mlflow" / "server.env"), **stack.env()}
+    # Webhook secrets are stored encrypted with this key; a random key per start would make every
+    # stored webhook undecryptable after a restart, and they would then fail silently.
+    if not settings.get("MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"):  # a Fernet key: 32 random bytes, url-safe base64
+        settings["MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"] = _kept_secret(
+            store / "webhook-encryption.key", lambda: base64.urlsafe_b64encode(secrets.token_bytes(32)).decode())
+    backend = settings.get("MLFLOW_BACKEND_STORE_URI") or f"sqlite:///{store / 'mlflow.db'}"
+    artifacts = settings.get("MLFLOW_ARTIFACTS_DESTINATION") or str(store / "artifacts")
+    cmd = [stack.tool("mlflow"), "server", "--host", settings["MLFLOW_HOST"], "--port", str(stack.mlflow_port),
+           "--workers", settings["MLFLOW_WORKERS"], "--backend-store-uri", backend,
+           "--serve-artifacts", "--artifacts-destination", artifacts]
+    # Run from the store so nothing MLflow writes to its working directory lands in the repo.
+    process = _spawn(stack, "mlflow", cmd, settings, cwd=store)
+    _wait(stack, "mlflow", process, float(settings.get("MLFLOW_START_TIMEOUT", 90)))
+    say(f"mlflow: MLflow up at {stack.mlflow_url} (pid {process.pid}, backend {backend}, artifacts {artifacts}, "
+        f"log {stack.log_file('mlflow')})")
 
 
 def webhook_secret(stack: Stack) -> str:
     """$TRANSPEFT_WEBHOOK_SECRET, else the one made on the first `up` in .stack/webhook.secret (0600)."""
-    if os.environ.get("TRANSPEFT_WEBHOOK_SECRET"):
-        return os.environ["TRANSPEFT_WEBHOOK_SECRET"]
-    path = stack.state / "webhook.secret"
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32))
-    return path.read_text().strip()
+    return os.environ.get("TRANSPEFT_WEBHOOK_SECRET") or _kept_secret(stack.state / "webhook.secret",
+                                                                      lambda: secrets.token_urlsafe(32))
 
 
 def start_webhook_receiver(stack: Stack, secret: str, say) -> None:
     name = "webhook-receiver"
-    if _running(stack, name, say, stack.webhook_url):
+    if _running(stack, name, say):
         return
-    _check_port_free(stack, name, stack.webhook_port, "TRANSPEFT_WEBHOOK_PORT")
     cmd = [sys.executable, str(stack.project / "mlflow" / "webhook_receiver.py"), "--host", HOST,
            "--port", str(stack.webhook_port), "--prefect-api-url", stack.prefect_api_url]
-    pid = _spawn(stack, name, cmd, stack.env(TRANSPEFT_WEBHOOK_SECRET=secret)).pid
-    _wait_until(name, stack, lambda: _answers(stack.webhook_url + "health"), pid, 30,
-                f"if port {stack.webhook_port} is taken, set TRANSPEFT_WEBHOOK_PORT to a free one")
-    say(f"{name}: up at {stack.webhook_url} (pid {pid}), emitting events to {stack.prefect_api_url}")
+    process = _spawn(stack, name, cmd, stack.env(TRANSPEFT_WEBHOOK_SECRET=secret))
+    _wait(stack, name, process, 30)
+    say(f"{name}: up at {stack.webhook_url} (pid {process.pid}), emitting events to {stack.prefect_api_url}")
 
 
 def register_webhook(tracking_uri: str, url: str, secret: str) -> str:
@@ -233,13 +254,19 @@ def register_webhook(tracking_uri: str, url: str, secret: str) -> str:
     return "updated"
 
 
-def ensure_work_pool(stack: Stack, say) -> None:
-    if _request(f"{stack.prefect_api_url}/work_pools/{WORK_POOL}") is not None:
-        say(f"work pool {WORK_POOL}: exists")
+def start_worker(stack: Stack, say) -> None:
+    """`prefect worker start`, which creates the process work pool when it is missing."""
+    name = "worker"
+    if _running(stack, name, say):
         return
-    _run_logged(stack, "deploy", [stack.tool("prefect"), "work-pool", "create", WORK_POOL, "--type", "process"],
-                f"work pool {WORK_POOL}: `prefect work-pool create` failed")
-    say(f"work pool {WORK_POOL}: created (type process)")
+    cmd = [stack.tool("prefect"), "worker", "start", "--pool", WORK_POOL, "--name", WORKER_NAME,
+           "--type", "process", "--install-policy", "never"]
+    started = time.time() - 1
+    # Poll every 2 s (Prefect's default is 10): a registered base's revalidation starts within seconds.
+    process = _spawn(stack, name, cmd, stack.env(PREFECT_WORKER_QUERY_SECONDS="2"))
+    _wait(stack, name, process, 60, ready=lambda: worker_online(stack, since=started),
+          hint=f"check that the Prefect server answers at {stack.prefect_api_url}/health")
+    say(f"{name}: up (pid {process.pid}), polling work pool {WORK_POOL}")
 
 
 def deploy(stack: Stack, say) -> None:
@@ -255,8 +282,9 @@ def deploy(stack: Stack, say) -> None:
     started = time.monotonic()
     # prefect deploy registers a flow whose file fails to import (it falls back to reading the source),
     # and every run of it then fails on the worker: import them first, as the worker will.
-    entrypoints = [e for e in names.values() if e.partition(":")[0].endswith(".py")]
-    _run_logged(stack, "deploy", [sys.executable, "-c", _IMPORT_FLOWS, *entrypoints],
+    load = ("import sys\nfrom prefect.flows import load_flow_from_entrypoint as load\n"
+            "for entrypoint in sys.argv[1:]:\n    print('imported', load(entrypoint, use_placeholder_flow=False))")
+    _run_logged(stack, "deploy", [sys.executable, "-c", load, *names.values()],
                 "deployments: a flow file of prefect.yaml does not import")
     _run_logged(stack, "deploy", [stack.tool("prefect"), "--no-prompt", "deploy", "--all"],
                 "deployments: `prefect deploy --all` failed")
@@ -268,37 +296,12 @@ def deploy(stack: Stack, say) -> None:
     say(f"deployments: {', '.join(names)} deployed in {time.monotonic() - started:.0f} s")
 
 
-_IMPORT_FLOWS = """
-import importlib.util, sys
-sys.path.insert(0, ".")
-for n, entrypoint in enumerate(sys.argv[1:]):
-    path, name = entrypoint.rsplit(":", 1)
-    print("importing", entrypoint, flush=True)
-    spec = importlib.util.spec_from_file_location(f"_flow{n}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    getattr(module, name)
-"""
-
-
 def deployed(stack: Stack) -> list[str]:
     """Names of the deployments the Prefect server holds."""
-    rows = _request(f"{stack.prefect_api_url}/deployments/filter", {"limit": 200}) or []
-    return [row["name"] for row in rows]
+    from prefect.client.orchestration import SyncPrefectClient
 
-
-def start_worker(stack: Stack, say) -> None:
-    name = "worker"
-    if _running(stack, name, say, f"pool {WORK_POOL}"):
-        return
-    cmd = [stack.tool("prefect"), "worker", "start", "--pool", WORK_POOL, "--name", WORKER_NAME,
-           "--type", "process", "--install-policy", "never"]
-    started = time.time() - 1
-    # Poll every 2 s (Prefect's default is 10): a registered base's revalidation starts within seconds.
-    pid = _spawn(stack, name, cmd, stack.env(PREFECT_WORKER_QUERY_SECONDS="2")).pid
-    _wait_until(name, stack, lambda: worker_online(stack, since=started), pid, 60,
-                f"check that the Prefect server answers at {stack.prefect_api_url}/health")
-    say(f"{name}: up (pid {pid}), polling work pool {WORK_POOL}")
+    with SyncPrefectClient(stack.prefect_api_url) as client:
+        return [deployment.name for deployment in client.read_deployments(limit=200)]
 
 
 def worker_online(stack: Stack, since: float = 0) -> bool:
@@ -307,58 +310,64 @@ def worker_online(stack: Stack, since: float = 0) -> bool:
     The server keeps a stopped worker ONLINE until its heartbeat times out, so a restart waits for a
     heartbeat of the new process.
     """
-    rows = _request(f"{stack.prefect_api_url}/work_pools/{WORK_POOL}/workers/filter", {}) or []
-    return any(row["name"] == WORKER_NAME and row.get("status") == "ONLINE" and row.get("last_heartbeat_time")
-               and datetime.fromisoformat(row["last_heartbeat_time"]).timestamp() >= since for row in rows)
+    import httpx
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with SyncPrefectClient(stack.prefect_api_url) as client:
+            workers = client.read_workers_for_work_pool(WORK_POOL)
+    except (ObjectNotFound, httpx.HTTPError):  # no pool yet (the worker creates it), or no server
+        return False
+    return any(w.name == WORKER_NAME and w.status == "ONLINE" and w.last_heartbeat_time
+               and w.last_heartbeat_time.timestamp() >= since for w in workers)
 
 
 # -- down and status ----------------------------------------------------------------------------
-
-# Workers before the server they poll: a worker whose server is gone keeps retrying for a long time.
-STOP_ORDER = ("worker", "webhook-receiver", "prefect-server")
 
 
 def down(stack: Stack, say: Callable[[str], None] = print, timeout: float = 20) -> None:
     """Stop every component, the worker first and MLflow last; idempotent."""
     for name in STOP_ORDER:
         stop(stack, name, say, timeout)
-    code = _run_script(stack, "mlflow/down", say)
-    if code != 0:
-        raise StackError(f"mlflow: mlflow/down failed (exit {code}); pid file {stack.pid_file('mlflow')}")
 
 
 def stop(stack: Stack, name: str, say, timeout: float = 20) -> None:
-    """SIGTERM the component's process group, wait, then SIGKILL it; a stale pid file is removed."""
-    pid = _pid(stack, name)
-    if pid is None:
+    """SIGTERM the component and its children, wait, then SIGKILL what is left; a stale pid file is removed."""
+    process = _process(stack, name)
+    if process is None:
         say(f"{name}: not running")
         return
-    _signal(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    killed = _alive(pid)
-    _signal(pid, signal.SIGKILL)
-    try:  # whatever the leader left behind in its group (_spawn made it a session leader)
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    family = [process, *process.children(recursive=True)]  # MLflow's uvicorn, the worker's flow runs
+    for member in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.terminate()
+    _, left = psutil.wait_procs(family, timeout)
+    for member in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
     stack.pid_file(name).unlink(missing_ok=True)
-    say(f"{name}: {'killed after ' + str(int(timeout)) + ' s' if killed else 'stopped'} (pid {pid})")
+    say(f"{name}: {f'killed after {timeout:.0f} s' if left else 'stopped'} (pid {process.pid})")
+
+
+def answers(stack: Stack, name: str) -> bool:
+    """Whether the component answers: its /health, or for the worker, ONLINE on the server."""
+    if name == "worker":
+        return worker_online(stack)
+    health = {"prefect-server": stack.prefect_api_url + "/health", "mlflow": stack.mlflow_url + "/health",
+              "webhook-receiver": stack.webhook_url + "health"}[name]
+    return health_problem(health, timeout=2) is None
 
 
 def status(stack: Stack) -> dict[str, dict]:
     """Each component: running (pid, where it answers) or stopped."""
-    where = {"prefect-server": (stack.prefect_url, stack.prefect_api_url + "/health"),
-             "mlflow": (stack.mlflow_url, stack.mlflow_url + "/health"),
-             "webhook-receiver": (stack.webhook_url, stack.webhook_url + "health"),
-             "worker": (f"pool {WORK_POOL}", None)}
     report = {}
-    for name, (url, probe) in where.items():
-        pid = _pid(stack, name, clean=False)
-        row = {"running": pid is not None, "pid": pid, "url": url, "log": str(stack.log_file(name))}
-        if pid is not None:  # the worker answers through the server: ONLINE there
-            row["answers"] = _answers(probe) if probe else worker_online(stack)
+    for name in ("prefect-server", "mlflow", "webhook-receiver", "worker"):
+        process = _process(stack, name)
+        row = {"running": process is not None, "pid": process.pid if process else None,
+               "url": stack.where(name), "log": str(stack.log_file(name))}
+        if process is not None:
+            row["answers"] = answers(stack, name)
         report[name] = row
     return report
 
@@ -377,25 +386,28 @@ def format_status(report: dict[str, dict]) -> str:
 # -- processes ----------------------------------------------------------------------------------
 
 
-def _spawn(stack: Stack, name: str, cmd: list[str], env: dict) -> subprocess.Popen:
-    """Start `cmd` in its own session (it outlives this command), logging to .stack/logs/<name>.log."""
+def _spawn(stack: Stack, name: str, cmd: list[str], env: dict, cwd: Path | None = None) -> psutil.Process:
+    """Start `cmd` in its own session (it outlives this command and a Ctrl-C), logging to its log file."""
+    port = stack.port(name)
+    if port and _listening(port):
+        raise StackError(f"{name}: port {port} on {HOST} is in use by a process this stack did not start (no "
+                         f"live pid in {stack.pid_file(name)}); stop it or set {PORT_VARIABLES[name]} to a free port")
     log = stack.log_file(name)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
         out.flush()
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=env, cwd=stack.project, start_new_session=True)
+                                   env=env, cwd=cwd or stack.project, start_new_session=True)
     stack.pid_file(name).write_text(f"{process.pid}\n")
-    return process
+    return psutil.Process(process.pid)
 
 
 def _run_logged(stack: Stack, log_name: str, cmd: list[str], failure: str) -> None:
     """Run a short command to completion, its output appended to .stack/logs/<log_name>.log."""
     log = stack.log_file(log_name)
-    shown = " ".join(c if len(c) < 200 else "<script>" for c in cmd)
     with open(log, "ab") as out:
-        out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shown}\n".encode())
+        out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
         out.flush()
         # COLUMNS: rich wraps Prefect's tables at 80 columns in a file otherwise.
         result = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -405,116 +417,70 @@ def _run_logged(stack: Stack, log_name: str, cmd: list[str], failure: str) -> No
                          f"(what runs is left running). Last lines of {log}:\n{_tail(log)}")
 
 
-def _run_script(stack: Stack, script: str, say) -> int:
-    """Run mlflow/up or mlflow/down, each line of its output said as `mlflow: ...`; its exit code."""
-    with subprocess.Popen([str(stack.project / script)], env=stack.env(), cwd=stack.project, text=True,
-                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as process:
-        for line in process.stdout:
-            say(f"mlflow: {line.rstrip()}")
-    return process.returncode
-
-
-def _wait_until(name: str, stack: Stack, ready: Callable[[], bool], pid: int, timeout: float, hint: str) -> None:
+def _wait(stack: Stack, name: str, process: psutil.Process, timeout: float,
+          ready: Callable[[], bool] | None = None, hint: str = "") -> None:
+    ready = ready or (lambda: answers(stack, name))
+    hint = hint or f"if port {stack.port(name)} is taken, set {PORT_VARIABLES[name]} to a free one"
     deadline = time.monotonic() + timeout
+    log = stack.log_file(name)
     while not ready():
-        if not _alive(pid):
+        if not _live(process):
             stack.pid_file(name).unlink(missing_ok=True)
-            raise StackError(f"{name}: exited during start; {hint}. "
-                             f"Last lines of {stack.log_file(name)}:\n{_tail(stack.log_file(name))}")
+            raise StackError(f"{name}: exited during start; {hint}. Last lines of {log}:\n{_tail(log)}")
         if time.monotonic() > deadline:
-            raise StackError(f"{name}: not ready after {timeout:.0f} s (pid {pid}, left running; "
-                             f"`transpeft stack down` stops it); {hint}. "
-                             f"Last lines of {stack.log_file(name)}:\n{_tail(stack.log_file(name))}")
+            raise StackError(f"{name}: not ready after {timeout:.0f} s (pid {process.pid}, left running; "
+                             f"`transpeft stack down` stops it); {hint}. Last lines of {log}:\n{_tail(log)}")
         time.sleep(0.3)
 
 
-def _running(stack: Stack, name: str, say, where: str) -> int | None:
-    """The component's pid, said to be running, when it runs."""
-    pid = _pid(stack, name)
-    if pid is not None:
-        say(f"{name}: already running (pid {pid}), {where}")
-    return pid
+def _running(stack: Stack, name: str, say) -> psutil.Process | None:
+    """The component's process, said to be running, when it runs."""
+    process = _process(stack, name)
+    if process is not None:
+        say(f"{name}: already running (pid {process.pid}), {stack.where(name)}")
+    return process
 
 
-def _check_port_free(stack: Stack, name: str, port: int, variable: str) -> None:
-    with socket.socket() as sock:
-        sock.settimeout(1)
-        taken = sock.connect_ex((HOST, port)) == 0
-    if taken:
-        raise StackError(f"{name}: port {port} on {HOST} is in use by a process this stack did not start "
-                         f"(no live pid in {stack.pid_file(name)}); stop it or set {variable} to a free port")
-
-
-def _pid(stack: Stack, name: str, clean: bool = True) -> int | None:
-    """The live pid recorded for the component, else None (and a stale pid file removed)."""
+def _process(stack: Stack, name: str) -> psutil.Process | None:
+    """The live process of the component's pid file, else None (and a stale pid file removed)."""
     path = stack.pid_file(name)
-    try:
-        pid = int(path.read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
-    marker = MARKERS.get(name, "mlflow")
-    if _alive(pid) and marker in _cmdline(pid, marker):
-        return pid
-    if clean:
-        path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError, ValueError, psutil.Error):
+        process = psutil.Process(int(path.read_text()))
+        if _live(process) and MARKERS[name] in " ".join(process.cmdline()):
+            return process
+    path.unlink(missing_ok=True)
     return None
 
 
-def _alive(pid: int) -> bool:
+def _live(process: psutil.Process) -> bool:
+    """Running, and no zombie (a child of this process that exited, or an orphan PID 1 does not reap)."""
     try:
-        os.waitpid(pid, os.WNOHANG)  # reap it if it is our child (up and down in one process, in tests)
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        return True
-    try:  # a zombie is dead for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
-def _cmdline(pid: int, default: str) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:  # no /proc (macOS): trust the pid file
-        return default
-
-
-def _signal(pid: int, sig: int) -> None:
-    """Signal the process group the component leads (it was started in its own session), else the pid."""
-    try:
-        if os.getpgid(pid) == pid:
-            os.killpg(pid, sig)
-        else:
-            os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex((HOST, port)) == 0
 
 
 # -- helpers ------------------------------------------------------------------------------------
 
 
-def _request(url: str, body: dict | None = None, timeout: float = 5):
-    """GET (or POST `body` as JSON) and decode the JSON answer; None on 404 or no answer."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as e:
-        if e.code == 404:
-            return None
-        raise StackError(f"{url} answered {e.code}: {e.read()[:300]!r}") from e
-    except (OSError, ValueError):
-        return None
+def _settings(path: Path) -> dict[str, str]:
+    """The KEY=VALUE lines of an env file such as mlflow/server.env."""
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
 
 
-def _answers(url: str) -> bool:
-    return health_problem(url, timeout=2) is None
+def _kept_secret(path: Path, make: Callable[[], str]) -> str:
+    """The secret in `path`, written there (mode 0600) by `make` on first use."""
+    if not path.exists():
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(make())
+    return path.read_text().strip()
 
 
 def _deploy_fingerprint(stack: Stack) -> str:
@@ -534,3 +500,14 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+if __name__ == "__main__":  # mlflow/up and mlflow/down: `python -m transpeft.stack up|down PROJECT`
+    try:
+        local = Stack.find(sys.argv[2])
+        if sys.argv[1] == "up":
+            start_mlflow(local, print)
+        else:
+            stop(local, "mlflow", print, float(os.environ.get("MLFLOW_STOP_TIMEOUT", 20)))
+    except StackError as e:
+        sys.exit(f"error: {e}")

@@ -10,7 +10,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from transpeft.stages import DATA
+from transpeft.params import DATA
 from transpeft.versioning import dvc_hash
 
 

@@ -10,7 +10,6 @@ from prefect import task
 from transpeft.bases import lend_base
 from transpeft.data import load_task
 from transpeft.params import load_params
-from transpeft.stages.bases import base_ref
 from transpeft.tracking import Registry
 from transpeft.train import train_adapter
 from transpeft.transfer import unload_adapter
@@ -31,14 +30,15 @@ def finetune_adapter(uri: str, task_name: str, run: str, data_dir: str, params_f
         return {"adapter": name, "base_version": spec.base, "model_version": existing[-1].model_version,
                 "metrics": existing[-1].metrics, "skipped": True}
     task_data = load_task(Path(data_dir) / task_name)
-    with tempfile.TemporaryDirectory() as tmp, lend_base(base_ref(params.bases, spec.base), base.fingerprint,
-                                                                        params.placement) as slot:
+    with tempfile.TemporaryDirectory() as tmp, lend_base(params.bases.ref(spec.base), base.fingerprint,
+                                                         params.placement) as slot:
         out = Path(tmp) / name
         adapted, manifest, _ = train_adapter(slot.model, slot.tokenizer, slot.info, [task_data], params.train.method,
                                              params.train.config(run), out, progress=False)
         slot.model = unload_adapter(adapted, manifest.method.name)
         run_id = registry.log_training(name, out, manifest, extra_tags={
             "dvc_data_hash": dvc_hash(Path(data_dir) / task_name) or "untracked", "run": run})
-        record = registry.register_adapter(name, out, slot.info, "trained", manifest.metrics, run_id)
+        record = registry.register_adapter(name, out, slot.info, "trained", manifest.metrics, run_id,
+                                           manifest=manifest)
     return {"adapter": name, "base_version": spec.base, "model_version": record.model_version,
             "metrics": record.metrics, "skipped": False}

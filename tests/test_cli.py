@@ -96,17 +96,61 @@ def test_transfer_onto_an_incompatible_base_exits_3_naming_the_mismatch(demo, tm
 
 @pytest.mark.parametrize("args,message", [
     (["--tasks", "poetry"], "unknown task poetry"),
-    (["--p-c", "1.0"], "p_c must be in [0, 1)"),
-    (["--p-i", "-0.5"], "p_i must be in [0, 1)"),
-    (["--method", "prefix"], "unknown PEFT method"),
+    (["--p-c", "1.0"], "argument --p-c: must be in [0, 1), got 1.0"),
+    (["--p-i", "-0.5"], "argument --p-i: must be in [0, 1), got -0.5"),
+    (["--method", "prefix"], "argument --method: must be 'lora', 'dora', 'ia3' or 'bottleneck', got 'prefix'"),
     (["--max-length", "6"], "training rows are longer than max_length 6 tokens"),
-    (["--too-long", "drop"], "too_long must be one of ('refuse', 'truncate')"),
+    (["--too-long", "drop"], "argument --too-long: must be 'refuse' or 'truncate', got 'drop'"),
 ])
 def test_bad_training_input_exits_2_with_a_clear_message(demo, tmp_path, args, message):
     done = cli("train", "--base", demo / "bases/v1", "--data", demo / "data", "--out", tmp_path / "a", *args,
                check=False)
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert not (tmp_path / "a").exists()
+
+
+TRAIN = ["train", "--base", "b", "--data", "d", "--out", "o"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--p-c", "1.5"], "argument --p-c: must be in [0, 1), got 1.5"),
+    (["--steps", "0"], "argument --steps: must be >= 1, got 0"),
+    (["--lr", "fast"], "argument --lr: must be a valid number, unable to parse string as a number, got 'fast'"),
+    (["--precision", "fp8"], "argument --precision: must be 'auto', 'fp32' or 'bf16', got 'fp8'"),
+    (["--max-length", "1"], "argument --max-length: must be >= 2 tokens (or None), got 1"),
+    (["--target-modules", ","], "argument --target-modules: is empty; leave it unset for the method's default"),
+    (["--variant", "diagonal"], "argument --variant: must be 'serial' or 'parallel', got 'diagonal'"),
+])
+def test_a_bad_training_flag_exits_2_naming_the_flag_before_anything_loads(args, message, capsys):
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args([*TRAIN, *args])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_bad_flag_combination_names_its_flags(capsys):
+    from transpeft.cli import main
+
+    assert main([*TRAIN, "--method", "bottleneck", "--target-modules", "q_proj"]) == 2  # before loading the base
+    assert ("error: --target-modules must be sub-layers attention and/or ffn for the bottleneck adapter, "
+            "got ('q_proj',)") in capsys.readouterr().err
+
+
+def test_training_flags_are_the_configs_fields_with_their_defaults():
+    from dataclasses import asdict
+
+    from transpeft.config import MethodConfig, TrainConfig, from_flags
+
+    args = build_parser().parse_args(TRAIN)
+    assert from_flags(MethodConfig, args, rename={"name": "method"}) == MethodConfig()
+    assert from_flags(TrainConfig, args) == TrainConfig()
+    args = build_parser().parse_args([*TRAIN, "--method", "dora", "--r", "8", "--alpha", "16", "--p-c", "0.1",
+                                      "--target-modules", "q_proj, v_proj,", "--no-group-by-length", "--lr", "1",
+                                      "--max-length", "64", "--gradient-checkpointing"])
+    assert from_flags(MethodConfig, args, rename={"name": "method"}) == MethodConfig(
+        name="dora", r=8, alpha=16.0, target_modules=("q_proj", "v_proj"))
+    assert asdict(from_flags(TrainConfig, args)) == asdict(TrainConfig(
+        p_c=0.1, group_by_length=False, lr=1.0, max_length=64, gradient_checkpointing=True))
+    assert isinstance(from_flags(TrainConfig, args).lr, float)  # --lr 1 is 1.0, as with type=float
 
 
 def test_missing_adapter_and_unpinned_hub_base_are_refused(demo, tmp_path):

@@ -61,10 +61,13 @@ def test_bottleneck_sublayers_and_variant_are_configurable():
 
 
 @pytest.mark.parametrize("bad,match", [
-    (dict(name="prefix"), "unknown PEFT method"),
-    (dict(r=0), "rank r must be"),
-    (dict(dropout=1.0), "dropout must be"),
-    (dict(name="bottleneck", variant="diagonal"), "serial"),
+    (dict(name="prefix"), "name must be 'lora', 'dora', 'ia3' or 'bottleneck', got 'prefix'"),
+    (dict(r=0), "r must be >= 1, got 0"),
+    (dict(dropout=1.0), r"dropout must be in \[0, 1\), got 1.0"),
+    (dict(name="bottleneck", variant="diagonal"), "variant must be 'serial' or 'parallel'"),
+    (dict(name="bottleneck", target_modules=("mlp",)), "target_modules must be sub-layers attention and/or ffn"),
+    (dict(target_modules=()), "target_modules is empty"),
+    (dict(rank=4), r"unknown key rank \(known: alpha, dropout, name, r, target_modules, variant\)"),
 ])
 def test_bad_method_configs_are_refused(bad, match):
     with pytest.raises(ValueError, match=match):

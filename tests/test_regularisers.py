@@ -12,6 +12,9 @@ from transpeft import bottleneck
 from transpeft.regularisers import NoFFNFound, attach_regularisers, find_ffn_sites, linear_shape, unwrap
 
 # No dropout anywhere, so that train mode differs from eval mode only by the regularisers.
+# p_c is a probability in [0, 1); this one drops every FFN: torch.rand's float32 draws are all at most
+# 1 - 2**-24, below it.
+EVERY = 1 - 1e-9
 NO_DROPOUT = dict(attention_dropout=0.0, hidden_dropout=0.0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
@@ -57,7 +60,7 @@ def test_dropping_every_ffn_equals_model_without_ffns_and_never_touches_their_we
     calls = []
     for linear in ffn_linears(model):
         linear.register_forward_hook(lambda *a: calls.append(1))
-    with attach_regularisers(model, p_c=1.0) as regs:
+    with attach_regularisers(model, p_c=EVERY) as regs:
         out = model(tokens()).logits
         out.sum().backward()
         assert regs.dropped == len(regs.sites)
@@ -120,7 +123,7 @@ def test_bottleneck_after_the_ffn_still_runs_when_the_ffn_is_dropped(variant):
     mlp_calls = []
     for linear in ffn_linears(model):
         linear.register_forward_hook(lambda *a: mlp_calls.append(1))
-    with attach_regularisers(model, p_c=1.0):
+    with attach_regularisers(model, p_c=EVERY):
         with_adapter = model(tokens()).logits
         with_adapter.sum().backward()
     assert mlp_calls == []
@@ -128,7 +131,7 @@ def test_bottleneck_after_the_ffn_still_runs_when_the_ffn_is_dropped(variant):
     assert adapter_grads and all(g is not None and g.abs().sum() > 0 for g in adapter_grads)
 
     bottleneck.detach(model)
-    with attach_regularisers(model, p_c=1.0):
+    with attach_regularisers(model, p_c=EVERY):
         without_adapter = model(tokens()).logits
     assert not torch.allclose(with_adapter, without_adapter)
 
@@ -155,9 +158,10 @@ def test_model_without_an_ffn_is_refused_clearly():
     attach_regularisers(model).remove()  # p_i = p_c = 0 needs no FFN
 
 
-def test_probabilities_outside_unit_interval_are_refused():
-    with pytest.raises(ValueError, match="p_c must be in"):
-        attach_regularisers(model_for("llama"), p_c=1.5)
+@pytest.mark.parametrize("p", [1.5, 1.0, -0.1])
+def test_probabilities_outside_unit_interval_are_refused(p):
+    with pytest.raises(ValueError, match=rf"p_c must be in \[0, 1\), got {p}"):  # the rule of every config
+        attach_regularisers(model_for("llama"), p_c=p)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -177,7 +181,7 @@ def test_layer_drift_is_zero_for_the_same_base_and_separates_attention_from_ffn(
 
 
 # The reference semantics of knowledge dropping, against forward passes written out by hand with
-# every FFN dropped (p_c = 1): the sub-layer adds nothing, and a bottleneck adapter after it runs on
+# every FFN dropped (p_c = EVERY): the sub-layer adds nothing, and a bottleneck adapter after it runs on
 # the residual stream h.
 
 def _attention(layer, x, model):
@@ -187,9 +191,9 @@ def _attention(layer, x, model):
 
 
 def _every_ffn_dropped_against_by_hand(model, layer_by_hand):
-    """The model's logits with p_c = 1, and those of ``layer_by_hand(layer, h) -> h`` applied layer by layer."""
+    """The model's logits with p_c = EVERY, and those of ``layer_by_hand(layer, h) -> h`` applied layer by layer."""
     ids = tokens()
-    with attach_regularisers(model, p_c=1.0):
+    with attach_regularisers(model, p_c=EVERY):
         got = model(ids).logits
     with torch.no_grad():
         h = model.model.embed_tokens(ids)

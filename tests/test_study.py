@@ -35,7 +35,8 @@ def config(**changes) -> StudyConfig:
     ({"retune_steps": (0,)}, "positive"),
     ({"targets": {}}, "targets is empty"),
     ({"workers": 0}, "workers"),
-    ({"r": 0}, "rank"),
+    ({"r": 0}, "r must be >= 1, got 0"),
+    ({"grid": (("qkvo", 0.0, 0.0), ("qkvo", 0.1))}, "missing item grid.1.2"),
 ])
 def test_bad_settings_are_refused_with_what_to_fix(changes, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(")", r"\)")):

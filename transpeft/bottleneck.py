@@ -17,42 +17,19 @@ adapter weights, keyed by module path.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .config import SUBLAYERS, BottleneckConfig  # defined with the other configuration models
 from .regularisers import find_attention_slot, find_ffn_sites, hidden_size
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-SUBLAYERS = ("attention", "ffn")
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
-
-
-@dataclass(frozen=True)
-class BottleneckConfig:
-    bottleneck_size: int = field(default=64, metadata={"help": "width of the adapter's middle layer"})
-    variant: str = field(default="serial", metadata={"help": "serial or parallel"})
-    sublayers: tuple[str, ...] = field(default=SUBLAYERS, metadata={"help": "after attention, ffn, or both"})
-    non_linearity: str = field(default="relu", metadata={"help": "one of " + ", ".join(ACTIVATIONS)})
-    dropout: float = field(default=0.0, metadata={"help": "dropout inside the adapter"})
-    scaling: float = field(default=1.0, metadata={"help": "multiplier on the adapter's output"})
-
-    def __post_init__(self):
-        if self.variant not in ("serial", "parallel"):
-            raise ValueError(f"bottleneck variant must be 'serial' or 'parallel', got {self.variant!r}")
-        unknown = set(self.sublayers) - set(SUBLAYERS)
-        if unknown or not self.sublayers:
-            raise ValueError(f"bottleneck sublayers must be a non-empty subset of {SUBLAYERS}, got {self.sublayers}")
-        if self.non_linearity not in ACTIVATIONS:
-            raise ValueError(f"non_linearity must be one of {sorted(ACTIVATIONS)}, got {self.non_linearity!r}")
-        if self.bottleneck_size < 1:
-            raise ValueError(f"bottleneck_size must be >= 1, got {self.bottleneck_size}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"bottleneck dropout must be in [0, 1), got {self.dropout}")
 
 
 class Bottleneck(nn.Module):

@@ -15,7 +15,6 @@ import json
 import os
 import sys
 import warnings
-from dataclasses import fields
 from pathlib import Path
 
 EXIT_ERROR, EXIT_INCOMPATIBLE = 2, 3
@@ -65,29 +64,6 @@ def _placement(args, default=None):
 
 def _add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-
-
-def _add_dataclass_flags(p: argparse.ArgumentParser, cls, skip=()) -> None:
-    """One --flag per dataclass field, with the field's help text and default."""
-    for f in fields(cls):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = f.metadata.get("type") or (type(f.default) if f.default is not None else str)
-        help_text = f.metadata.get("help", "") + f" (default: {f.default})"
-        if f.name == "target_modules":
-            p.add_argument(flag, type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
-                           help=help_text + "; comma-separated")
-        elif isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
-        else:
-            p.add_argument(flag, type=kind, default=f.default, help=help_text)
-
-
-def _from_args(cls, args, **renamed):
-    values = {f.name: getattr(args, renamed.get(f.name, f.name)) for f in fields(cls)
-              if hasattr(args, renamed.get(f.name, f.name))}
-    return cls(**values)
 
 
 def _emit(args, payload: dict, text: str) -> None:
@@ -146,11 +122,11 @@ def cmd_data_validate(args) -> int:
 def cmd_train(args) -> int:
     from .bases import load_base
     from .data import load_tasks
-    from .methods import MethodConfig
-    from .train import TrainConfig, train_adapter
+    from .config import MethodConfig, TrainConfig, from_flags
+    from .train import train_adapter
 
-    method = _from_args(MethodConfig, args, name="method")
-    config = _from_args(TrainConfig, args)
+    method = from_flags(MethodConfig, args, rename={"name": "method"})
+    config = from_flags(TrainConfig, args)
     tasks = load_tasks(args.data, args.tasks)
     model, tokenizer, base = load_base(_base_ref(args), _placement(args))
     registry = _registry(args)
@@ -168,7 +144,8 @@ def cmd_train(args) -> int:
         name = adapter_name(Path(args.out))
         run_id = registry.log_training(name, Path(args.out), manifest,
                                        extra_tags={"dvc_data_hash": dvc_hash(args.data) or "untracked"})
-        record = registry.register_adapter(name, Path(args.out), base, "trained", manifest.metrics, run_id)
+        record = registry.register_adapter(name, Path(args.out), base, "trained", manifest.metrics, run_id,
+                                           manifest=manifest)
         payload["registered"] = {"model": f"adapter-{name}", "version": record.model_version, "run_id": run_id}
     _emit(args, payload, f"saved {args.out} (trained on {payload['base']}, {payload['seconds']} s)\n"
                          + _metrics_table(manifest.metrics)
@@ -405,8 +382,7 @@ def cmd_stack(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .methods import MethodConfig
-    from .train import TrainConfig
+    from .config import MethodConfig, TrainConfig, add_flags
 
     parser = argparse.ArgumentParser(prog="transpeft", description="Train, transfer and evaluate PEFT adapters across base model updates (Trans-PEFT).",
                                      epilog=_examples("transpeft story --report demo-report"),
@@ -482,9 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="folder of task folders")
     _add_tasks(p)
     p.add_argument("--out", required=True, help="adapter folder to write (replaced atomically)")
-    p.add_argument("--method", default="lora", help="PEFT method: lora, dora, ia3, bottleneck (default: lora)")
-    _add_dataclass_flags(p, MethodConfig, skip=("name",))
-    _add_dataclass_flags(p, TrainConfig)
+    add_flags(p, MethodConfig, rename={"name": "method"})  # --method, --r, ..., checked as they are parsed
+    add_flags(p, TrainConfig)
     _add_placement(p)
     _add_tracking(p)
     _add_json(p)

@@ -7,7 +7,7 @@ only with ``PeftModel.from_pretrained``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -16,32 +16,8 @@ from peft import IA3Config, LoraConfig, PeftModel, get_peft_model, get_peft_mode
 from torch import nn
 
 from . import bottleneck
+from .config import MethodConfig  # defined with the other configuration models; imported from here too
 from .defaults import ALL_LINEAR
-
-
-@dataclass(frozen=True)
-class MethodConfig:
-    name: str = field(default="lora", metadata={"help": "one of: " + "lora, dora, ia3, bottleneck"})
-    r: int = field(default=16, metadata={"help": "LoRA/DoRA rank, or the bottleneck width"})
-    alpha: float = field(default=32.0, metadata={"help": "LoRA/DoRA scaling numerator (scale = alpha / r)"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout inside the adapter"})
-    target_modules: tuple[str, ...] | None = field(
-        default=None,
-        metadata={"help": "LoRA/DoRA: module names, or all-linear (default: the attention projections, q,k,v,o "
-                          "on Llama, as the transfer study chose); IA3: module names (default: peft's); "
-                          "bottleneck: sub-layers 'attention' and/or 'ffn' (default: both)"},
-    )
-    variant: str = field(default="serial", metadata={"help": "bottleneck only: serial or parallel"})
-
-    def __post_init__(self):
-        if self.name not in METHODS:
-            raise ValueError(f"unknown PEFT method {self.name!r}; choose one of {', '.join(METHODS)}")
-        if self.r < 1:
-            raise ValueError(f"rank r must be >= 1, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"adapter dropout must be in [0, 1), got {self.dropout}")
-        if self.target_modules is not None and not self.target_modules:
-            raise ValueError("target_modules is empty; leave it unset for the method's default")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .config import Probability, check
 from .seeding import NO_REPLAY, Replay
 
 _ATTENTION_WORDS = ("attn", "attention")
@@ -160,9 +161,7 @@ class Regularisers:
     """Handle for attached regularisers; ``remove()`` restores the model exactly."""
 
     def __init__(self, model: nn.Module, p_i: float, p_c: float, seed: int, replay: Replay = NO_REPLAY):
-        for name, p in (("p_i", p_i), ("p_c", p_c)):
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {p}")
+        p_i, p_c = check(Probability, p_i, "p_i"), check(Probability, p_c, "p_c")  # [0, 1), as everywhere
         self.p_i, self.p_c = p_i, p_c
         self.sites = find_ffn_sites(model) if (p_i or p_c) else []  # p = 0: any model, no hooks
         self._seed, self._replay = seed, replay

@@ -29,86 +29,16 @@ import os
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from .defaults import ALL_LINEAR
+from .config import StudyConfig  # defined with the other configuration models; imported from here too
 from .methods import MethodConfig
 from .placement import Placement
 from .train import TrainConfig
 
-QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")  # the reference scripts' LoRA targets
 ARMS = ("ft_old", "direct", "transpeft", "ft_new")
-
-
-@dataclass(frozen=True)
-class StudyConfig:
-    """What the study measures; params.yaml's ``study`` key, validated on construction."""
-
-    tasks: tuple[str, ...]
-    updates: tuple[str, ...]  # "old->new" base versions, e.g. "v1->v2"
-    seeds: tuple[int, ...] = (0, 1, 2)
-    targets: dict[str, tuple[str, ...] | None] = field(
-        default_factory=lambda: {"qkvo": QKVO, "all-linear": (ALL_LINEAR,)})  # name -> LoRA target modules
-    grid: tuple[tuple[str, float, float], ...] = (("qkvo", 0.0, 0.0), ("qkvo", 0.1, 0.0))  # (targets, p_c, p_i)
-    r: int = 16
-    alpha: float = 16.0
-    steps: int = 300
-    batch_size: int = 32
-    lr: float = 3e-3
-    warmup: float = 0.06
-    retune_steps: tuple[int, ...] = (10, 25, 50, 100)
-    max_old_cost: float = 0.02  # the chosen setting may cost at most this much exact match on the old base
-    workers: int = 2  # processes; the CPU cores are split between them
-
-    def __post_init__(self):
-        if not self.tasks:
-            raise ValueError("study.tasks is empty; name the tasks to measure")
-        for update in self.updates:
-            old, sep, new = update.partition("->")
-            if not sep or not old or not new or old == new:
-                raise ValueError(f"study.updates: {update!r} is not 'old->new', e.g. v1->v2")
-        if not self.updates:
-            raise ValueError("study.updates is empty; name at least one, e.g. v1->v2")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"study.seeds must be distinct and non-empty, got {self.seeds}")
-        if not self.targets:
-            raise ValueError("study.targets is empty; e.g. {qkvo: [q_proj, k_proj, v_proj, o_proj], all-linear: null}")
-        for cell in self.grid:
-            if len(cell) != 3 or cell[0] not in self.targets:
-                raise ValueError(f"study.grid: {cell} is not [targets, p_c, p_i] with targets one of "
-                                 f"{', '.join(self.targets)}")
-            if not all(0.0 <= p < 1.0 for p in cell[1:]):
-                raise ValueError(f"study.grid: {cell}: p_c and p_i must be in [0, 1)")
-        used = {cell[0] for cell in self.grid}
-        plain = {cell[0] for cell in self.grid if cell[1] == cell[2] == 0}
-        if used - plain:
-            raise ValueError(f"study.grid needs [{sorted(used - plain)[0]}, 0, 0]: the direct-transfer arm of those "
-                             "targets is the plain adapter")
-        if len(set(self.grid)) == len(plain):
-            raise ValueError("study.grid has no setting with p_c or p_i > 0 to compare with direct transfer")
-        if not self.retune_steps or min(self.retune_steps) < 1:
-            raise ValueError(f"study.retune_steps must be positive step budgets, got {self.retune_steps}")
-        if self.workers < 1:
-            raise ValueError(f"study.workers must be >= 1, got {self.workers}")
-        MethodConfig(r=self.r, alpha=self.alpha)
-        TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, warmup=self.warmup)
-
-    @property
-    def pairs(self) -> list[tuple[str, str]]:
-        return [tuple(u.split("->")) for u in self.updates]
-
-    def settings(self) -> list[tuple[str, float, float]]:
-        """The grid's (targets, p_c, p_i) cells, each once, in order."""
-        return list(dict.fromkeys((t, float(pc), float(pi)) for t, pc, pi in self.grid))
-
-    def quick(self) -> StudyConfig:
-        """Two settings, two seeds, a few steps: checks the whole path in a minute, measures nothing."""
-        targets = self.grid[0][0]
-        strongest = max((c for c in self.grid if c[0] == targets), key=lambda c: c[1] + c[2])
-        return replace(self, seeds=self.seeds[:2], targets={targets: self.targets[targets]},
-                       grid=((targets, 0.0, 0.0), strongest), steps=4, retune_steps=(2,), batch_size=8)
 
 
 @dataclass(frozen=True)

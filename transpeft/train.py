@@ -21,10 +21,10 @@ from accelerate.utils import DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from . import defaults
 from .adapters import Manifest, adapted_targets, library_versions, save_adapter
 from .bases import BaseInfo
-from .batching import TOO_LONG, collate, encode, fit_length, special_ids
+from .batching import collate, encode, fit_length, special_ids
+from .config import TrainConfig  # defined with the other configuration models; imported from here too
 from .data import Example, Task
 from .evaluate import evaluate
 from .methods import MethodConfig, get_method
@@ -32,58 +32,11 @@ from .placement import placed
 from .regularisers import attach_regularisers
 from .seeding import Replay, private_dropout, seeded, shared_draws
 
-PRECISIONS = ("auto", "fp32", "bf16")
 log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
     """The loss or the adapter weights became NaN or infinite; nothing was saved."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    steps: int = field(default=300, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=32, metadata={"help": "examples per micro-batch"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
-    warmup: float = field(default=0.06, metadata={"help": "fraction of steps spent warming up, then cosine decay"})
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    p_i: float = field(default=defaults.P_I, metadata={"help": "Trans-PEFT knowledge masking probability, in [0, 1) "
-                                                                 "(default: the transfer study's choice)"})
-    p_c: float = field(default=defaults.P_C, metadata={"help": "Trans-PEFT knowledge dropping probability, in [0, 1) "
-                                                                 "(default: the transfer study's choice)"})
-    seed: int = 0
-    gradient_checkpointing: bool = field(default=False, metadata={
-        "help": "recompute each layer's activations in backward instead of keeping them (less memory, "
-                "about a third more compute); Trans-PEFT's draws are replayed exactly"})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16"})
-    max_length: int | None = field(default=None, metadata={
-        "type": int, "help": "tokens per training row at most (prompt, answer and special tokens); None: no cap"})
-    too_long: str = field(default="refuse", metadata={
-        "help": "rows over max_length: refuse (an error with their count) or truncate (drop the start of the "
-                "prompt); either way the count is in the manifest"})
-    group_by_length: bool = field(default=True, metadata={
-        "help": "batch rows of similar length together, so that little compute goes to padding"})
-
-    def __post_init__(self):
-        for name in ("p_i", "p_c"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {value} (typical: p_c 0.1-0.2, p_i 0-0.1)")
-        for name in ("steps", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.warmup < 1.0:
-            raise ValueError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.max_length is not None and self.max_length < 2:
-            raise ValueError(f"max_length must be >= 2 tokens (or None), got {self.max_length}")
-        if self.too_long not in TOO_LONG:
-            raise ValueError(f"too_long must be one of {TOO_LONG}, got {self.too_long!r}")
 
 
 @dataclass

@@ -4,11 +4,4 @@ Each module's ``main()`` reads params.yaml, calls the core library and writes un
 run them through ``dvc repro`` (or ``python -m transpeft.stages.<stage>`` from the project root).
 """
 
-from pathlib import Path
-
-PIPELINE = Path("pipeline")
-DATA = PIPELINE / "data"
-BASES = PIPELINE / "bases"
-ADAPTERS = PIPELINE / "adapters"
-METRICS = PIPELINE / "metrics"
-REPORT = PIPELINE / "report"
+from ..params import ADAPTERS, BASES, DATA, METRICS, PIPELINE, REPORT  # noqa: F401 - the stages' outputs

@@ -9,19 +9,9 @@ from __future__ import annotations
 import json
 import sys
 
-from ..bases import BaseRef
 from ..demo.family import build_demo_family
-from ..params import Bases, load_params
+from ..params import load_params
 from . import BASES
-
-
-def base_ref(params: Bases, version: str) -> BaseRef:
-    """Where the stages load base ``version`` from."""
-    if params.is_demo:
-        return BaseRef(str(BASES / version), family=params.family, version=version)
-    source = str(params.sources[version])
-    source, _, revision = source.partition("@")
-    return BaseRef(source, revision or None, family=params.family, version=version)
 
 
 def main() -> int:

@@ -14,8 +14,7 @@ import sys
 from pathlib import Path
 
 from ..params import load_params
-from . import BASES, DATA, PIPELINE
-from .bases import base_ref
+from . import DATA, PIPELINE
 
 STUDY = Path("study")
 
@@ -27,7 +26,7 @@ def main() -> int:
     if params.study is None:
         print("params.yaml has no study key: nothing to run", file=sys.stderr)
         return 1
-    sources = {v: base_ref(params.bases, v).source for v in params.bases.versions}
+    sources = {v: params.bases.ref(v).source for v in params.bases.versions}
     not_local = [f"{v} ({s})" for v, s in sources.items() if not Path(s).is_dir()]
     if not_local:
         print(f"the study loads bases from local directories; not found: {', '.join(not_local)}", file=sys.stderr)

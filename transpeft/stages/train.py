@@ -17,7 +17,6 @@ from ..params import load_params
 from ..train import train_adapter
 from ..versioning import dvc_hash
 from . import ADAPTERS, DATA
-from .bases import base_ref
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run = params.train.runs[args.run]
     task = load_task(DATA / args.task)
-    model, tokenizer, base = load_base(base_ref(params.bases, run.base), params.placement)
+    model, tokenizer, base = load_base(params.bases.ref(run.base), params.placement)
     out = ADAPTERS / args.run / args.task
     _, manifest, result = train_adapter(model, tokenizer, base, [task], params.train.method,
                                         params.train.config(args.run), out)

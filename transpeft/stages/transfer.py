@@ -17,7 +17,6 @@ from ..data import load_task
 from ..params import load_params
 from ..transfer import evaluate_adapters
 from . import ADAPTERS, DATA, METRICS
-from .bases import base_ref
 
 
 def main() -> int:
@@ -30,7 +29,7 @@ def main() -> int:
         eligible = [a for a in adapters if versions.index(trained_on[a]) <= versions.index(version)]
         if not eligible:
             continue
-        model, tokenizer, base = load_base(base_ref(params.bases, version), params.placement)
+        model, tokenizer, base = load_base(params.bases.ref(version), params.placement)
         tasks = [load_task(DATA / name) for name in sorted({a.name for a in eligible})]
         results = evaluate_adapters(model, tokenizer, base, eligible, tasks,
                                     batch_size=params.transfer.get("batch_size", 32), progress=True)

@@ -113,6 +113,22 @@ def test_second_repro_does_nothing_and_p_c_reruns_only_what_depends_on_it(projec
     assert [r for r in ran if r != "report"] == ["train@add-transpeft-v1", "train@reverse-transpeft-v1", "transfer"]
 
 
+def test_a_change_to_tokenisation_makes_the_training_stages_stale(project, first_repro):
+    """dvc.yaml lists all the code each stage runs (tests/test_layers.py checks the lists): one edited
+    line of batching.py, which every training and scoring step calls, is seen by dvc status."""
+    batching = project / "transpeft" / "batching.py"
+    original = batching.read_text()
+    batching.write_text(original + "# an edit\n")
+    try:
+        stale = set(yaml.safe_load(run(project, "dvc", "status", "--json").stdout))
+    finally:
+        batching.write_text(original)
+    every_train = {s for s in yaml.safe_load((project / "dvc.lock").read_text())["stages"] if s.startswith("train@")}
+    assert len(every_train) == 8 and every_train | {"transfer", "study"} <= stale
+    assert not any(s.startswith("prepare@") for s in stale)  # data preparation does not tokenise
+    assert "Data and pipelines are up to date" in run(project, "dvc", "status").stdout
+
+
 def test_training_runs_carry_the_dvc_hash_of_their_data(project, first_repro, mlflow_server):
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     data_md5 = {name.split("@")[1]: stage["outs"][0]["md5"] for name, stage in lock["stages"].items()

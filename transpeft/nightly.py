@@ -16,7 +16,7 @@ from .adapters import AdapterFileError
 from .data import load_tasks
 from .placement import placed
 from .tracking import AdapterRecord, BaseRecord, Registry
-from .transfer import IncompatibleBase, score_adapter
+from .transfer import IncompatibleBase, refusal, score_adapter
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def check_served(slot, base: BaseRecord, adapters: dict[str, tuple[AdapterRecord
             current = {t: m.exact_match for t, m in scores.items()}
             lines = regressions(record.metrics, current, tolerance)
         except (AdapterFileError, IncompatibleBase) as e:
-            current, lines = {}, [f"cannot be evaluated: {'; '.join(getattr(e, 'mismatches', [str(e)]))}"]
+            current, lines = {}, [f"cannot be evaluated: {refusal(e)}"]
         if changed:
             lines.insert(0, f"base {base.version} changed since registration (fingerprint {slot.info.fingerprint})")
         checks.append(Check(name, base.family, base.version, record.model_version, record.metrics, current, lines,

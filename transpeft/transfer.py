@@ -122,6 +122,11 @@ def unload_adapter(model: nn.Module, method_name: str) -> nn.Module:
     return get_method(method_name).detach(model)
 
 
+def refusal(error: AdapterFileError | IncompatibleBase) -> str:
+    """Why an adapter could not be scored, in one line: each mismatch, or what is wrong with its files."""
+    return "; ".join(error.mismatches) if isinstance(error, IncompatibleBase) else str(error)
+
+
 def own_tasks(manifest: Manifest, tasks: list[Task]) -> list[Task]:
     """The tasks an adapter was trained on, among ``tasks`` (all of them if none match)."""
     return [t for t in tasks if t.name in manifest.tasks] or list(tasks)
@@ -152,7 +157,7 @@ def evaluate_adapters(model: nn.Module, tokenizer, base: BaseInfo, adapter_dirs,
             manifest = read_manifest(directory)
             scores = score_adapter(model, tokenizer, base, directory, own_tasks(manifest, tasks), manifest, batch_size)
         except (AdapterFileError, IncompatibleBase) as e:
-            results[str(directory)] = {"error": "; ".join(getattr(e, "mismatches", [str(e)]))}
+            results[str(directory)] = {"error": refusal(e)}
             continue
         results[str(directory)] = {task: m.as_dict() for task, m in scores.items()}
     return results

@@ -34,10 +34,8 @@ def finetune_adapters(version: str | None = None, runs: list[str] | None = None,
         if error:  # the others still finish and register
             failed.append(error)
             continue
-        r = future.result()
-        results.append(r)
-        print(f"{r['adapter']} on {r['base_version']}: " + ", ".join(f"{t} {v:.3f}" for t, v in r["metrics"].items())
-              + (" (already registered)" if r["skipped"] else ""))
+        results.append(future.result())
+        print(results[-1].line())
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(futures)} adapters failed to train:\n  " + "\n  ".join(failed))
-    return results
+    return [r.as_dict() for r in results]

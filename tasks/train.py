@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
@@ -10,7 +11,7 @@ from prefect import task
 from transpeft.bases import lend_base
 from transpeft.data import load_task
 from transpeft.params import load_params
-from transpeft.tracking import Registry
+from transpeft.tracking import AdapterRecord, Registry
 from transpeft.train import train_adapter
 from transpeft.transfer import unload_adapter
 from transpeft.versioning import dvc_hash
@@ -18,8 +19,26 @@ from transpeft.versioning import dvc_hash
 from . import IO
 
 
+@dataclass(frozen=True)
+class Finetuned:
+    """One adapter of the grid on its base: its registry version, and whether it was there already."""
+
+    record: AdapterRecord
+    skipped: bool
+
+    def line(self) -> str:
+        scores = ", ".join(f"{t} {v:.3f}" for t, v in self.record.metrics.items())
+        return f"{self.record.name} on {self.record.base_version}: {scores}" + (
+            " (already registered)" if self.skipped else "")
+
+    def as_dict(self) -> dict:
+        r = self.record
+        return {"adapter": r.name, "base_version": r.base_version, "model_version": r.model_version,
+                "metrics": dict(r.metrics), "skipped": self.skipped}
+
+
 @task(**IO, task_run_name="finetune {task_name}-{run}")
-def finetune_adapter(uri: str, task_name: str, run: str, data_dir: str, params_file: str) -> dict:
+def finetune_adapter(uri: str, task_name: str, run: str, data_dir: str, params_file: str) -> Finetuned:
     """Train adapter ``<task>-<run>`` on its run's base and register it there; skipped when it already is."""
     params = load_params(params_file)
     spec, name = params.train.runs[run], f"{task_name}-{run}"
@@ -27,8 +46,7 @@ def finetune_adapter(uri: str, task_name: str, run: str, data_dir: str, params_f
     base = registry.base(params.bases.family, spec.base)
     existing = [r for r in registry.adapter_versions(name) if r.base_version == spec.base and r.status == "trained"]
     if existing:
-        return {"adapter": name, "base_version": spec.base, "model_version": existing[-1].model_version,
-                "metrics": existing[-1].metrics, "skipped": True}
+        return Finetuned(existing[-1], skipped=True)
     task_data = load_task(Path(data_dir) / task_name)
     with tempfile.TemporaryDirectory() as tmp, lend_base(params.bases.ref(spec.base), base.fingerprint,
                                                          params.placement) as slot:
@@ -40,5 +58,4 @@ def finetune_adapter(uri: str, task_name: str, run: str, data_dir: str, params_f
             "dvc_data_hash": dvc_hash(Path(data_dir) / task_name) or "untracked", "run": run})
         record = registry.register_adapter(name, out, slot.info, "trained", manifest.metrics, run_id,
                                            manifest=manifest)
-    return {"adapter": name, "base_version": spec.base, "model_version": record.model_version,
-            "metrics": record.metrics, "skipped": False}
+    return Finetuned(record, skipped=False)

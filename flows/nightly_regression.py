@@ -11,17 +11,31 @@ and ends Failed, listing the regressions, when there are any.
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+from prefect import State, flow, get_run_logger
+from prefect.deployments import run_deployment
+from prefect.runtime import deployment
 
 from flows import PARAMS, failure, fanout_runner, registry_uri
 from flows.transfer_on_base_update import transfer_on_base_update
 from tasks.nightly import find_served, find_unrevalidated, record_results, score_served
+from transpeft.events import TRANSFER_DEPLOYMENT
 from transpeft.nightly import Check
 from transpeft.params import load_params
 
 
 class Regressions(RuntimeError):
     """Served adapters that score below their registry baseline."""
+
+
+def revalidate_missed(family: str, version: str, data_dir: str, params_file: str) -> State:
+    """The reconciler's revalidation of one base. From a deployed nightly run it goes through the
+    transfer deployment, so that deployment's concurrency limit keeps it from running beside an
+    event-triggered revalidation of the same base; a nightly run called directly runs it as a subflow."""
+    if deployment.id is None:
+        return transfer_on_base_update(family, version, data_dir, params_file, return_state=True)
+    run = run_deployment(TRANSFER_DEPLOYMENT, timeout=None, parameters={
+        "family": family, "version": version, "data_dir": data_dir, "params_file": params_file})
+    return run.state
 
 
 @flow(name="nightly-regression", task_runner=fanout_runner(), log_prints=True)
@@ -34,7 +48,7 @@ def nightly_regression(family: str | None = None, data_dir: str = "pipeline/data
     reconciled = []
     for base in find_unrevalidated(uri, family):
         logger.info("reconciler: %s/%s has no finished revalidation; running it", base.family, base.version)
-        state = transfer_on_base_update(base.family, base.version, data_dir, params_file, return_state=True)
+        state = revalidate_missed(base.family, base.version, data_dir, params_file)
         reconciled.append(f"{base.family}/{base.version}: {state.name}")
 
     checks = [(base, records, score_served.submit(uri, base, records, data_dir, tolerance, params.placement))

@@ -17,8 +17,11 @@ from . import CRASH, IO
 
 @task(**IO)
 def find_unrevalidated(uri: str, family: str | None) -> list[BaseRecord]:
-    """Base versions whose revalidation never finished (the reconciler's work list)."""
-    return unrevalidated(Registry(uri), family)
+    """Base versions whose revalidation never finished (the reconciler's work list), after finishing any
+    registration a crash left in "registering"."""
+    registry = Registry(uri)
+    registry.finish_stuck_registrations(family)
+    return unrevalidated(registry, family)
 
 
 @task(**IO)

@@ -55,7 +55,7 @@ def test_base_registration_is_idempotent_and_refuses_other_contents(mlflow_serve
 
 def test_a_failed_registration_leaves_nothing_that_looks_valid(mlflow_server, family, monkeypatch):
     registry = Registry(mlflow_server.url)
-    _, _, v3 = base(family, "v3")
+    v3 = replace(base(family, "v3")[2], family="flaky")
 
     def broken(*args, **kwargs):
         raise MlflowException("registry went away")
@@ -63,9 +63,33 @@ def test_a_failed_registration_leaves_nothing_that_looks_valid(mlflow_server, fa
     monkeypatch.setattr(registry.client, "set_registered_model_alias", broken)
     with pytest.raises(MlflowException, match="registry went away"):
         registry.register_base(v3)
-    assert "v3" not in {b.version for b in registry.bases("tiny")}
-    versions = registry.client.search_model_versions("name = 'base-tiny'")
-    assert all(v.tags.get("base_version") != "v3" for v in versions)
+    assert registry.bases("flaky") == []
+
+    def v3_versions():
+        return [v for v in registry.client.search_model_versions("name = 'base-flaky'")
+                if v.tags.get("base_version") == "v3"]
+
+    assert [v.tags["status"] for v in v3_versions()] == ["registering"]  # the webhook receiver skips it
+    monkeypatch.undo()  # the registry is back: registering again finishes that version, no second one
+    again = registry.register_base(v3)
+    assert [(v.version, v.tags["status"]) for v in v3_versions()] == [(again.model_version, "ready")]
+    assert registry.client.get_run(v3_versions()[0].run_id).info.status == "FINISHED"
+
+
+def test_a_registration_left_registering_by_a_crash_is_finished_by_the_reconciler(mlflow_server, family):
+    """A process killed between creating a base version and making it ready leaves status "registering";
+    once it is old enough to be no live registration, the reconciler's sweep makes it ready."""
+    registry = Registry(mlflow_server.url)
+    _, _, v2 = base(family, "v2")
+    v2 = replace(v2, family="stuck")
+    run = registry.start_run("register", "register base stuck/v2 (killed)")
+    registry._ensure_model("base-stuck", {}, "")
+    registry._create_version("base-stuck", run, "base", {"base_version": "v2", "fingerprint": v2.fingerprint,
+                                                         "source": v2.source, "status": "registering"}, "")
+    assert registry.bases("stuck") == [] and registry.finish_stuck_registrations("stuck") == []  # too recent
+    (finished,) = registry.finish_stuck_registrations("stuck", min_age_s=0)
+    assert (finished.version, finished.fingerprint) == ("v2", v2.fingerprint)
+    assert registry.bases("stuck") == [finished] and registry.register_base(v2) == finished
 
 
 def test_adapters_are_tracked_per_base_version(mlflow_server, family, tmp_path):

@@ -16,12 +16,13 @@ import logging
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from mlflow.webhooks.delivery import _generate_hmac_signature as mlflow_sign
 
 from servers import free_port, prefect_api, start_mlflow, stored_events, wait_until
-from transpeft.events import BASE_REGISTERED
+from transpeft.events import BASE_REGISTERED, EventNotDelivered
 from transpeft.webhook import MAX_BODY, SignatureError, base_event, make_server, sign, verify_signature
 
 SECRET = "test-secret"
@@ -129,6 +130,41 @@ def test_base_event_version_falls_back_to_mlflow_version():
     event = base_event(json.loads(payload(name="base-demo", version="4", tags={})), "d")
     assert event["resource"]["transpeft.version"] == "4"
     assert event["payload"]["fingerprint"] is None and event["payload"]["parent"] is None
+
+
+@pytest.mark.server
+def test_a_delivery_sent_twenty_times_at_once_is_emitted_once(live_receiver):
+    body = payload(name="base-stampede")
+    headers = signed(body)
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda _: post(live_receiver, body, headers), range(20)))
+    assert sorted(status for status, _ in answers) == [200] * 19 + [202]
+    assert all("already emitted" in answer["detail"] for status, answer in answers if status == 200)
+
+
+def test_a_retry_during_a_failing_first_attempt_is_not_told_done(receiver, monkeypatch):
+    """The first attempt's emit fails slowly; a retry of the same delivery that arrives meanwhile waits for
+    it and then emits itself, instead of answering "already emitted" for an event Prefect never got."""
+    import transpeft.webhook as webhook
+
+    calls = []
+
+    def flaky_emit(event, api_url):
+        calls.append(event["id"])
+        time.sleep(0.5)
+        if len(calls) == 1:
+            raise EventNotDelivered("Prefect went away")
+        return event["id"]
+
+    monkeypatch.setattr(webhook, "emit", flaky_emit)
+    body = payload(name="base-flaky")
+    headers = signed(body)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(post, receiver, body, headers)
+        time.sleep(0.1)
+        retry = pool.submit(post, receiver, body, headers)
+        assert (first.result()[0], retry.result()[0]) == (502, 202)
+    assert len(calls) == 2 and post(receiver, body, headers)[0] == 200  # and a third delivery is a duplicate
 
 
 @pytest.mark.parametrize("body", [payload(name="adapter-x"), payload(name="base-"),

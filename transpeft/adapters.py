@@ -41,6 +41,10 @@ class AdapterFileError(ValueError):
     """An adapter folder that is missing, incomplete or corrupt."""
 
 
+class AdapterNotSaved(OSError):
+    """An adapter that could not be written (disk full, a file-size limit, no permission); nothing was replaced."""
+
+
 @dataclass(frozen=True)
 class Manifest:
     method: MethodConfig
@@ -112,6 +116,16 @@ def _fsync_tree(folder: Path) -> None:
     for path in folder.iterdir():
         with path.open("rb") as f:
             os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a directory's entries (a file created or renamed in it) survive a power cut."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_adapter(model: nn.Module, directory: str | Path, manifest: Manifest) -> Path:
@@ -119,21 +133,27 @@ def save_adapter(model: nn.Module, directory: str | Path, manifest: Manifest) ->
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".partial", dir=directory.parent))
+    previous = None
     try:
         get_method(manifest.method.name).save(model, staging)
         stamped = Manifest(**{**manifest.__dict__, "weights_sha256": _sha256(staging / WEIGHTS_NAME),
                               "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         (staging / MANIFEST_NAME).write_text(stamped.to_json(), encoding="utf-8")
         _fsync_tree(staging)
-        previous = None
         if directory.exists():
             previous = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
             directory.rename(previous)
         staging.rename(directory)
+        _fsync_dir(directory.parent)
         if previous is not None:
             shutil.rmtree(previous)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
+        if previous is not None and not directory.exists():
+            previous.rename(directory)  # moved aside, but the new one never landed: the old one comes back
+        if isinstance(e, OSError):
+            raise AdapterNotSaved(f"adapter {directory} could not be written ({e.strerror or e}); nothing was "
+                                  "replaced: free disk space (or raise the file-size limit) and run it again") from e
         raise
     return directory
 

@@ -552,7 +552,7 @@ def _add_tasks(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .adapters import AdapterFileError
+    from .adapters import AdapterFileError, AdapterNotSaved
     from .bases import BaseLoadError
     from .data import DataError
     from .events import EventNotDelivered
@@ -572,7 +572,8 @@ def main(argv: list[str] | None = None) -> int:
     except IncompatibleBase as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INCOMPATIBLE
-    except (AdapterFileError, BaseLoadError, DataError, EventNotDelivered, NoFFNFound, PlacementError, TrainingDiverged,
+    except (AdapterFileError, AdapterNotSaved, BaseLoadError, DataError, EventNotDelivered, NoFFNFound, PlacementError,
+            TrainingDiverged,
             TrackingUnavailable, NotRegistered, RegistryConflict, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR

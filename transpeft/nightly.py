@@ -15,7 +15,7 @@ from pathlib import Path
 from .adapters import AdapterFileError
 from .data import load_tasks
 from .placement import placed
-from .tracking import AdapterRecord, BaseRecord, Registry
+from .tracking import FINISHED, AdapterRecord, BaseRecord, Registry
 from .transfer import IncompatibleBase, refusal, score_adapter
 
 
@@ -45,7 +45,7 @@ class Check:
 
 def unrevalidated(registry: Registry, family: str | None = None) -> list[BaseRecord]:
     """Base versions with no finished revalidation, oldest first within each family (the reconciler)."""
-    return [b for b in registry.bases(family) if b.revalidation != "done"]
+    return [b for b in registry.bases(family) if b.revalidation not in FINISHED]
 
 
 def served(registry: Registry, family: str | None = None) -> dict[tuple[str, str], list[AdapterRecord]]:

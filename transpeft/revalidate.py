@@ -19,8 +19,8 @@ task of the adapter:
 
 A passing adapter is served on the new base as it is. A failing one is re-tuned (warm start from
 its transferred weights, Trans-PEFT again, ``gate.retune_steps`` steps) and judged again, or
-flagged, as ``gate.on_fail`` says. Decisions: passed, retuned, flagged, failed (could not be
-evaluated: incompatible base, unreadable files, missing data, diverged re-tuning).
+flagged, as ``gate.on_fail`` says. Decisions: passed, retuned, flagged (kept unserved, also when
+re-tuning diverged), failed (could not be evaluated: incompatible base, unreadable files, missing data).
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ class Plan:
 
 
 def plan(registry: Registry, family: str, version: str) -> Plan:
-    """Every adapter served on an earlier version of ``family`` and not yet on ``version``."""
+    """Every adapter served on an earlier version of ``family`` and not yet on ``version``. A version on
+    ``version`` whose registration was cut short before its alias is finished here, not carried again."""
     try:
         target = registry.base(family, version)
     except NotRegistered:  # created straight in MLflow: load it from its source tag and make it ready
@@ -79,7 +80,10 @@ def plan(registry: Registry, family: str, version: str) -> Plan:
     candidates, done = [], []
     for name, records in sorted(registry.adapters().items()):
         mine = [r for r in records if r.base_family == family]
-        if any(r.base_version == version for r in mine):
+        there = [r for r in mine if r.base_version == version]
+        if there:
+            if not any(r.serving for r in there) and any(r.half_registered for r in there):
+                registry.serve(next(r for r in there if r.half_registered))  # killed between version and alias
             done.append(name)
             continue
         servable = [r for r in mine if r.serving and r.status in SERVABLE and r.base_version in earlier]
@@ -219,7 +223,8 @@ def revalidate(slot, adapter_dir: Path, candidate: Candidate, data_dir: Path, ga
         adapted, retuned, _ = train_adapter(slot.model, slot.tokenizer, target, tasks, manifest.method,
                                             retune_config(manifest.training, gate), out, progress=progress,
                                             warm_start=adapter_dir)
-    except TrainingDiverged as e:
+    except TrainingDiverged as e:  # flagged: the transferred adapter is kept, unserved, with the reason
+        outcome.decision, outcome.adapter_dir, outcome.manifest = "flagged", str(adapter_dir), manifest
         outcome.reasons.append(f"re-tuning diverged: {e}")
         slot.broken = True  # it still carries the half-trained adapter: the lender drops it
         return outcome
@@ -252,14 +257,17 @@ def record_outcome(registry: Registry, parent_run: str, target: BaseRecord, outc
     """The adapter's child run and, unless it failed, its registry version on the new base: served
     when it passed or was re-tuned, kept unserved (status failed-gate) when flagged. Returns the
     outcome with that version."""
-    child = registry.start_run("transfer", f"{outcome.adapter} -> {target.family}/{target.version}", {
+    # A retried record task finds the child run of its first attempt: one per adapter and revalidation.
+    child, existed = registry.child_run("transfer", f"{outcome.adapter} -> {target.family}/{target.version}", {
         "adapter": outcome.adapter, "base_version": target.version, "source_version": outcome.source_version,
-        "decision": outcome.decision, "placement": outcome.placement}, parent_run_id=parent_run)
+        "decision": outcome.decision, "placement": outcome.placement}, parent_run, key="adapter")
     metrics = {f"{kind}.{task}": value for kind, values in (
         ("old_exact_match", outcome.old), ("exact_match", outcome.new), ("zero_shot", outcome.zero_shot),
         ("retuned_exact_match", outcome.retuned or {})) for task, value in values.items()}
     metrics |= {f"seconds.{step}": s for step, s in outcome.seconds.items()}
-    registry.log(child, metrics=metrics, tags={"reasons": "; ".join(outcome.reasons)[:5000]})
+    if not (existed and registry.run(child).data.metrics):  # metrics are history: logged once
+        registry.log(child, metrics=metrics)
+    registry.log(child, tags={"reasons": "; ".join(outcome.reasons)[:5000]})
     if outcome.decision == "failed":
         registry.finish_run(child, ok=False)
         return outcome
@@ -278,7 +286,7 @@ class Summary:
     """One revalidation at a glance: how many adapters ended how, and where its record is."""
 
     base: str  # family/version
-    state: str  # done, or incomplete when an adapter crashed (the reconciler runs it again)
+    state: str  # done; done with failures (an adapter flagged or failed); incomplete (one crashed: run again)
     run_id: str  # the MLflow parent run
     passed: int
     retuned: int
@@ -290,13 +298,13 @@ class Summary:
         return asdict(self)
 
     def line(self) -> str:
-        return (f"{self.base}: {self.passed} passed, {self.retuned} re-tuned, {self.flagged + self.failed} failed "
+        return (f"{self.base} {self.state}: {self.passed} passed, {self.retuned} re-tuned, {self.flagged + self.failed} failed "
                 f"({self.flagged} flagged, {self.failed} could not be evaluated), {self.already_done} already "
                 f"there; MLflow run {self.run_id}")
 
     def markdown(self, outcomes: list[Outcome]) -> str:
         """The gate's decisions, for the flow run's artifact in the Prefect UI."""
-        lines = [f"# Revalidation of {self.base}", "",
+        lines = [f"# Revalidation of {self.base}: {self.state}", "",
                  f"passed {self.passed}, re-tuned {self.retuned}, flagged {self.flagged}, failed {self.failed}, "
                  f"already there {self.already_done} (MLflow run {self.run_id})",
                  "", "| adapter | from | decision | why |", "|---|---|---|---|"]
@@ -308,8 +316,9 @@ class Summary:
 def close_revalidation(registry: Registry, parent_run: str, target: BaseRecord, plan_: Plan,
                        outcomes: list[Outcome], crashed: list[str], whole_family: bool = True) -> Summary:
     """Counts, the transfer report and the gate decisions on the parent run. When the plan was the
-    family's (``whole_family``), the base version is marked revalidated unless an adapter crashed
-    (then the nightly reconciler runs it again); a hand-picked set of folders marks nothing."""
+    family's (``whole_family``), the base version is marked with the revalidation's state: done, done
+    with failures when an adapter was flagged or could not be evaluated, or incomplete when one crashed
+    (the nightly reconciler runs it again). A hand-picked set of folders marks nothing."""
     counts = {d: sum(o.decision == d for o in outcomes) for d in DECISIONS} | {"already_done": len(plan_.done)}
     title = f"{target.family}/{target.version}"
     with tempfile.TemporaryDirectory() as tmp:
@@ -317,9 +326,9 @@ def close_revalidation(registry: Registry, parent_run: str, target: BaseRecord, 
                                                                       f"{target.version}")
         write_decisions(outcomes, Path(tmp), f"Gate decisions on {title}")
         registry.log_files(parent_run, tmp, "report")
+    state = "incomplete" if crashed else "done with failures" if counts["flagged"] + counts["failed"] else "done"
     registry.log(parent_run, metrics={f"adapters.{k}": v for k, v in counts.items()},
-                 tags={"crashed": ",".join(crashed)})
-    state = "incomplete" if crashed else "done"
+                 tags={"crashed": ",".join(crashed), "state": state})
     if whole_family:
         registry.mark_revalidation(target.family, target.version, state, parent_run)
     registry.finish_run(parent_run, ok=not crashed)

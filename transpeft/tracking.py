@@ -24,7 +24,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -38,6 +38,8 @@ from .health import health_problem
 DEFAULT_TRACKING_URI = "http://127.0.0.1:5000"
 BASE_PREFIX, ADAPTER_PREFIX = "base-", "adapter-"
 ADAPTER_STATUSES = ("trained", "transferred", "retuned", "failed-gate")
+# A base's revalidation states that leave nothing for the reconciler; "incomplete" does.
+FINISHED = ("done", "done with failures")
 
 
 class TrackingUnavailable(RuntimeError):
@@ -82,7 +84,7 @@ class BaseRecord:
     parent: str | None
     model_version: str  # MLflow's version number within base-<family>
     revision: str | None = None
-    revalidation: str | None = None  # done / incomplete once transfer-on-base-update ran for it
+    revalidation: str | None = None  # done / done with failures / incomplete once transfer-on-base-update ran
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,13 @@ class AdapterRecord:
     model_version: str
     serving: bool  # the on-<base_version> alias points here
     run_id: str = ""  # the run holding the adapter files under adapter/
+    to_serve: bool = False  # registered to be served there: its alias should point here
+    weights_sha256: str = ""
+
+    @property
+    def half_registered(self) -> bool:
+        """Registered to be served, but its alias was never set (a process killed in between)."""
+        return self.to_serve and not self.serving
 
 
 class Registry:
@@ -137,6 +146,14 @@ class Registry:
             self.client.log_batch(run_id, metrics=batch_metrics[start:start + 1000],
                                   params=batch_params if start == 0 else [], tags=batch_tags if start == 0 else [])
 
+    def child_run(self, step: str, name: str, tags: dict, parent_run_id: str, key: str) -> tuple[str, bool]:
+        """The child of ``parent_run_id`` whose tag ``key`` is ``tags[key]``, created on the first call; a
+        retried task gets the run its first attempt made. Returns (run id, whether it existed)."""
+        found = self.runs(step, f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.{key} = '{tags[key]}'")
+        if found:
+            return found[0].info.run_id, True
+        return self.start_run(step, name, tags, parent_run_id), False
+
     def finish_run(self, run_id: str, ok: bool = True) -> None:
         self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
 
@@ -164,6 +181,10 @@ class Registry:
                     f"base {base.family}/{base.version} is registered with fingerprint {existing.fingerprint}, "
                     f"this one has {base.fingerprint}: register the changed weights under a new version name")
             return existing
+        for mv in self._registering(base.family, base.version):  # a registration a crash cut short
+            if mv.tags.get("fingerprint") == base.fingerprint:
+                return self._finish_registration(mv)
+            self.client.delete_model_version(name, mv.version)
         if parent is not None and parent not in self._base_versions(base.family):
             raise NotRegistered(f"parent base {base.family}/{parent} is not registered; register it first")
         self._ensure_model(name, {"kind": "base", "family": base.family},
@@ -179,15 +200,28 @@ class Registry:
         version = self._create_version(name, run_id, "base", tags,
                                        f"{base.family}/{base.version} from {base.source}"
                                        + (f" (continued from {parent})" if parent else ""))
-        try:
-            self.client.set_registered_model_alias(name, _alias(f"base-{base.version}"), version.version)
-            self.client.set_model_version_tag(name, version.version, "status", "ready")
-        except MlflowException:
-            self.client.delete_model_version(name, version.version)  # nothing half-registered stays
-            self.finish_run(run_id, ok=False)
-            raise
-        self.finish_run(run_id)
-        return self._base_versions(base.family)[base.version]
+        return self._finish_registration(version)
+
+    def _finish_registration(self, mv) -> BaseRecord:
+        """A base version in status "registering" made ready: its alias, its status, its run finished."""
+        name, version = mv.name, mv.tags["base_version"]
+        self.client.set_registered_model_alias(name, _alias(f"base-{version}"), mv.version)
+        self.client.set_model_version_tag(name, mv.version, "status", "ready")
+        self.finish_run(mv.run_id)
+        return self._base_versions(name.removeprefix(BASE_PREFIX))[version]
+
+    def _registering(self, family: str, version: str | None = None, min_age_s: float = 0) -> list:
+        """Versions of base-<family> still in status "registering" (of ``version``, at least that old)."""
+        now_ms = time.time() * 1000
+        return [mv for mv in self._versions(BASE_PREFIX + family) if mv.tags.get("status") == "registering"
+                and version in (None, mv.tags.get("base_version"))
+                and now_ms - mv.creation_timestamp >= min_age_s * 1000]
+
+    def finish_stuck_registrations(self, family: str | None = None, min_age_s: float = 600) -> list[BaseRecord]:
+        """Base registrations left in "registering" for ``min_age_s`` or more (their process died between
+        creating the version and making it ready), finished: the reconciler then revalidates them."""
+        families = [family] if family else [m.name.removeprefix(BASE_PREFIX) for m in self._models(BASE_PREFIX)]
+        return [self._finish_registration(mv) for f in families for mv in self._registering(f, min_age_s=min_age_s)]
 
     def adopt_base(self, family: str, version: str) -> BaseRecord:
         """A base version created straight in MLflow (UI or API) with tags ``base_version`` and
@@ -279,9 +313,10 @@ class Registry:
         manifest = manifest or read_manifest(adapter_dir)
         model = ADAPTER_PREFIX + name
         for record in self.adapter_versions(name):
-            same = self.client.get_model_version(model, record.model_version).tags.get("weights_sha256")
-            if record.base_version == base.version and same == manifest.weights_sha256 and record.status == status:
-                return record  # registering the same thing twice changes nothing
+            if (record.base_version, record.weights_sha256, record.status) == (base.version, manifest.weights_sha256,
+                                                                               status):
+                # Registering the same thing twice changes nothing, but finishes what a killed first try left.
+                return self.serve(record) if serve and not record.serving else record
         self._ensure_model(model, {"kind": "adapter"}, f"Adapter {name}: one version per base version it is valid on.")
         # The UI lists tags in this order: what a reviewer compares across versions comes first.
         tags = {"base_version": base.version, "status": status,
@@ -290,16 +325,19 @@ class Registry:
                 "base_family": base.family, "base_fingerprint": base.fingerprint,
                 "dataset_hash": manifest.dataset_hash, "method": manifest.method.name, "p_i": manifest.p_i,
                 "p_c": manifest.p_c, "seed": manifest.seed, "weights_sha256": manifest.weights_sha256,
-                **(tags or {})}
+                # The version is created before its alias; this says the alias is owed, so a version left
+                # without it (a kill in between) is finished by the next registration or plan.
+                "serve": str(serve).lower(), **(tags or {})}
         version = self._create_version(model, run_id, "adapter", tags,
                                        f"{name} on {base.family}/{base.version}: {status}")
-        if serve:
-            try:
-                self.client.set_registered_model_alias(model, _alias(f"on-{base.version}"), version.version)
-            except MlflowException:
-                self.client.delete_model_version(model, version.version)  # nothing half-registered stays
-                raise
-        return next(r for r in self.adapter_versions(name) if r.model_version == version.version)
+        record = next(r for r in self.adapter_versions(name) if r.model_version == version.version)
+        return self.serve(record) if serve else record
+
+    def serve(self, record: AdapterRecord) -> AdapterRecord:
+        """Point the adapter's on-<base_version> alias at this version."""
+        self.client.set_registered_model_alias(ADAPTER_PREFIX + record.name, _alias(f"on-{record.base_version}"),
+                                               record.model_version)
+        return replace(record, serving=True)
 
     def adapter_versions(self, name: str) -> list[AdapterRecord]:
         model = ADAPTER_PREFIX + name
@@ -366,7 +404,8 @@ def _adapter_record(name: str, mv, aliases: dict[str, str]) -> AdapterRecord:
         name=name, base_family=tags["base_family"], base_version=tags["base_version"], status=tags["status"],
         transferred_from=tags.get("transferred_from") or None, model_version=mv.version, run_id=mv.run_id,
         metrics={k.removeprefix("exact_match."): float(v) for k, v in tags.items() if k.startswith("exact_match.")},
-        serving=aliases.get(_alias(f"on-{tags['base_version']}")) == mv.version)
+        serving=aliases.get(_alias(f"on-{tags['base_version']}")) == mv.version,
+        to_serve=tags.get("serve") == "true", weights_sha256=tags.get("weights_sha256", ""))
 
 
 def _flat_metrics(metrics: dict[str, dict]) -> dict[str, float]:

@@ -20,6 +20,7 @@ and the body is {"entity": "model_version", "action": "created", "timestamp": ..
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -109,24 +110,43 @@ class WebhookServer(ThreadingHTTPServer):
             raise ValueError("a webhook secret is required: unsigned deliveries are refused")
         super().__init__(address, _Handler)
         self.secret, self.api_url, self.prefix = secret, api_url, prefix
-        # MLflow retries a delivery with the same id when it gets no answer; emit each id once.
+        # MLflow retries a delivery with the same id when it gets no answer; emit each id once. An id is
+        # recorded only once its event was emitted, and attempts of one id take turns, so a retry that
+        # arrives while the first attempt is still emitting waits for it instead of being told "done".
         self.emitted: dict[str, float] = {}
         self.lock = threading.Lock()
+        self._turns: dict[str, tuple[threading.Lock, int]] = {}
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{host}:{port}/"
 
-    def first_delivery(self, delivery_id: str) -> bool:
-        """Record the id; False if its event was already emitted in the replay window."""
+    @contextlib.contextmanager
+    def turn(self, delivery_id: str):
+        """Hold the delivery id: one attempt of it at a time."""
+        with self.lock:  # the id's lock, and how many attempts hold or wait for it
+            turn, holders = self._turns.get(delivery_id, (threading.Lock(), 0))
+            self._turns[delivery_id] = (turn, holders + 1)
+        try:
+            with turn:
+                yield
+        finally:
+            with self.lock:
+                turn, holders = self._turns.pop(delivery_id)
+                if holders > 1:
+                    self._turns[delivery_id] = (turn, holders - 1)
+
+    def emitted_before(self, delivery_id: str) -> bool:
+        """Whether this id's event was emitted within the replay window."""
         now = time.monotonic()
         with self.lock:
             self.emitted = {key: t for key, t in self.emitted.items() if now - t < MAX_AGE_S + MAX_SKEW_S}
-            if delivery_id in self.emitted:
-                return False
-            self.emitted[delivery_id] = now
-            return True
+            return delivery_id in self.emitted
+
+    def record_emitted(self, delivery_id: str) -> None:
+        with self.lock:
+            self.emitted[delivery_id] = time.monotonic()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -163,15 +183,14 @@ class _Handler(BaseHTTPRequestHandler):
         if event is None:
             return self._reply(200, f"ignored {kind} of {model!r}", delivery_id)
         mlflow_version = event["payload"]["mlflow_version"]
-        if not self.server.first_delivery(delivery_id):
-            return self._reply(200, f"already emitted for {model} version {mlflow_version}", delivery_id)
-        try:
-            emit(event, self.server.api_url)
-        except EventNotDelivered as exc:
-            # Let MLflow see the failure (it retries 5xx); forget the id so the retry emits again.
-            with self.server.lock:
-                self.server.emitted.pop(delivery_id, None)
-            return self._reply(502, f"emit failed: {exc}", delivery_id)
+        with self.server.turn(delivery_id):
+            if self.server.emitted_before(delivery_id):
+                return self._reply(200, f"already emitted for {model} version {mlflow_version}", delivery_id)
+            try:
+                emit(event, self.server.api_url)
+            except EventNotDelivered as exc:  # MLflow retries a 5xx; the id stays unrecorded, so a retry emits
+                return self._reply(502, f"emit failed: {exc}", delivery_id)
+            self.server.record_emitted(delivery_id)
         resource = event["resource"]
         return self._reply(202, f"emitted {BASE_REGISTERED} family={resource['transpeft.family']} "
                                 f"version={resource['transpeft.version']} event={event['id']}", delivery_id)

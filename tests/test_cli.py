@@ -155,7 +155,9 @@ def test_training_flags_are_the_configs_fields_with_their_defaults():
 
 def test_missing_adapter_and_unpinned_hub_base_are_refused(demo, tmp_path):
     done = cli("evaluate", "--base", demo / "bases/v1", "--data", demo / "data", tmp_path / "nope", check=False)
-    assert done.returncode == 2 and "no such folder" in done.stdout
+    assert done.returncode == 2 and "no such folder" in done.stderr and "no such folder" not in done.stdout
+    done = cli("transfer", tmp_path / "nope", "--to", demo / "bases/v2", "--data", demo / "data", check=False)
+    assert done.returncode == 2 and "could not be carried" in done.stderr and "nope" not in done.stdout  # not 3
     done = cli("train", "--base", "Qwen/Qwen2-0.5B", "--data", demo / "data", "--out", tmp_path / "a", check=False)
     assert done.returncode == 2 and "pin a revision" in done.stderr
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import re
 import subprocess
 import sys
 from dataclasses import asdict, fields, replace
@@ -60,7 +61,7 @@ def _set(dotted: str, value):
     ("trian", {}, "unknown key trian"),
 ])
 def test_a_bad_value_fails_on_load_naming_its_dotted_key(tmp_path, key, value, message):
-    with pytest.raises(ParamsError, match="^params.yaml: " + message):
+    with pytest.raises(ParamsError, match=r"/params.yaml: " + message):
         load(tmp_path, _set(key, value))
 
 
@@ -158,3 +159,12 @@ def test_study_targets_left_empty_mean_the_default_as_before():
     study = StudyConfig(tasks=("a",), updates=("v1->v2",), targets={"qkvo": [], "all": None},
                         grid=[["qkvo", 0, 0], ["qkvo", 0.1, 0]])
     assert study.targets == {"qkvo": None, "all": None} and study.grid == (("qkvo", 0, 0), ("qkvo", 0.1, 0))
+
+
+def test_an_error_names_the_file_that_was_loaded(tmp_path):
+    path = tmp_path / "staging.yaml"
+    raw = copy.deepcopy(RAW)
+    raw["gate"]["min_retention"] = "high"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match=f"^{re.escape(str(path))}: gate.min_retention must be a valid number"):
+        load_params(path)

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
@@ -153,12 +154,34 @@ def _weight_files(ref: BaseRef) -> list[Path]:
     return files
 
 
+def _check_weights(ref: BaseRef, skeleton: torch.nn.Module, files: list[Path]) -> None:
+    """The weight files are whole and fit the config: their headers read, and every tensor they share
+    with the model the config describes has its shape. Reads headers only, not the weights."""
+    expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    wrong = []
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                stored = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        except SafetensorError as e:
+            raise BaseLoadError(f"base {ref.source!r}: {path.name} is truncated or corrupt ({e}); copy or download "
+                                "the base again") from None
+        wrong += [f"{key}: weights {shape}, config.json expects {expected[key]}" for key, shape in stored.items()
+                  if key in expected and expected[key] != shape]
+    if wrong:
+        raise BaseLoadError(f"base {ref.source!r}: config.json does not describe its weights ({len(wrong)} tensors "
+                            f"differ, e.g. {'; '.join(wrong[:3])}); restore the config that was saved with them")
+
+
 def describe_base(ref: BaseRef):
     """(config, tokenizer, BaseInfo) for a base, without loading its weights: registering a 7B base
     hashes its files and builds its skeleton on the meta device, in seconds and no memory."""
     if not ref.is_local and ref.revision is None:
         raise BaseLoadError(f"base {ref.source!r}: no such directory; for a hub model give its id "
                             "and pin a revision (commit hash or tag)")
+    if ref.is_local and not (Path(ref.source) / "config.json").is_file():  # else transformers guesses a tokenizer
+        raise BaseLoadError(f"base {ref.source!r} is not a model directory: it has no config.json. Give the folder "
+                            "that save_pretrained wrote (config.json, tokenizer files, *.safetensors)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref.source, revision=ref.revision)
         config = AutoConfig.from_pretrained(ref.source, revision=ref.revision)
@@ -168,6 +191,7 @@ def describe_base(ref: BaseRef):
     except (OSError, ValueError) as e:
         raise BaseLoadError(f"could not load base {ref.source!r}"
                             f"{f' at revision {ref.revision}' if ref.revision else ''}: {e}") from e
+    _check_weights(ref, skeleton, files)
     info = BaseInfo(  # a local source is recorded absolute: workers elsewhere in the tree load it too
         family=ref.resolved_family(), version=ref.resolved_version(),
         source=str(Path(ref.source).resolve()) if ref.is_local else ref.source,

@@ -66,8 +66,11 @@ def _add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
 
 
-def _emit(args, payload: dict, text: str) -> None:
+def _emit(args, payload: dict, text: str, errors: list[str] = ()) -> None:
+    """Results to stdout (JSON with --json, else text); errors to stderr, one `error:` line each."""
     print(json.dumps(payload, indent=2, default=str) if args.json else text)
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
 
 
 def _metrics_table(rows: dict[str, dict], columns=("exact_match", "token_accuracy", "answer_loss")) -> str:
@@ -111,10 +114,11 @@ def cmd_data_validate(args) -> int:
     from .data import load_tasks
 
     tasks = load_tasks(args.data, args.tasks)
-    payload = {t.name: {"kind": t.kind, "train": len(t.train), "eval": len(t.eval), "hash": t.content_hash}
-               for t in tasks}
-    text = "\n".join(f"{n:<14} {v['kind']:<13} train {v['train']:>6}  eval {v['eval']:>5}  ok"
-                     for n, v in payload.items())
+    payload = {t.name: {"kind": t.kind, "train": len(t.train), "eval": len(t.eval), "hash": t.content_hash,
+                        "duplicates": {split: t.duplicates(split) for split in ("train", "eval")}} for t in tasks}
+    text = "\n".join(f"{n:<14} {v['kind']:<13} train {v['train']:>6}  eval {v['eval']:>5}  "
+                     + (", ".join(f"{k} rows repeated in {split}" for split, k in v["duplicates"].items() if k)
+                        or "ok") for n, v in payload.items())
     _emit(args, payload, text)
     return 0
 
@@ -173,16 +177,18 @@ def cmd_evaluate(args) -> int:
     model, tokenizer, base = load_base(_base_ref(args), _placement(args))
     results = evaluate_adapters(model, tokenizer, base, [Path(a) for a in args.adapters], tasks,
                                 batch_size=args.batch_size, progress=not args.json)
-    text = []
+    text, errors = [], []
     for adapter, rows in results.items():
-        if registry and "error" not in rows:
+        if "error" in rows:
+            errors.append(rows["error"])
+            continue
+        if registry:
             from .tracking import adapter_name
 
             registry.log_evaluation(adapter_name(Path(adapter)), base, rows)
-        text.append(f"== {adapter} on {base.family}/{base.version}")
-        text.append(f"error: {rows['error']}" if "error" in rows else _metrics_table(rows))
-    _emit(args, {"base": base.as_dict(), "placement": placed(model), "results": results}, "\n".join(text))
-    return EXIT_ERROR if any("error" in r for r in results.values()) else 0
+        text += [f"== {adapter} on {base.family}/{base.version}", _metrics_table(rows)]
+    _emit(args, {"base": base.as_dict(), "placement": placed(model), "results": results}, "\n".join(text), errors)
+    return EXIT_ERROR if errors else 0
 
 
 def cmd_transfer(args) -> int:
@@ -222,8 +228,11 @@ def cmd_transfer(args) -> int:
                "adapters": {str(f): o.as_dict() for f, o in zip(folders, outcomes)}}
     if registry:
         payload["run_id"] = parent
-    lines = []
+    lines, errors = [], []
     for folder, o in zip(folders, outcomes):
+        if o.decision == "failed":  # could not be evaluated: an error, not a result
+            errors.append(f"{folder} could not be carried to {new_base}: " + "; ".join(o.reasons))
+            continue
         lines.append(f"== {folder}: {o.decision} ({o.source_version or '?'} -> {new_base}; old metric {old_label})")
         if o.new:
             lines.append(f"{'task':<14}{'old EM':>10}{'new EM':>10}{'retention':>11}")
@@ -232,8 +241,9 @@ def cmd_transfer(args) -> int:
                 retention = f"{new / before:.2f}" if before else "-"
                 lines.append(f"{task:<14}{before or 0:>10.3f}{new:>10.3f}{retention:>11}")
         lines += [f"  - {reason}" for reason in o.reasons]
-    _emit(args, payload, "\n".join(lines))
-    return EXIT_INCOMPATIBLE if any(o.decision == "failed" for o in outcomes) else 0
+    _emit(args, payload, "\n".join(lines), errors)
+    failures = {o.failure for o in outcomes if o.decision == "failed"}
+    return EXIT_INCOMPATIBLE if "incompatible" in failures else EXIT_ERROR if failures else 0
 
 
 def _gate(params_file: str):

@@ -41,17 +41,27 @@ class Task:
     eval: tuple[Example, ...]
     content_hash: str  # sha256 of task.json, train.jsonl and eval.jsonl bytes
 
+    def duplicates(self, split: str = "train") -> int:
+        """Rows of the split that repeat an earlier row exactly (they weigh more in training and scoring)."""
+        rows = getattr(self, split)
+        return len(rows) - len(set(rows))
+
 
 def read_examples(path: Path) -> tuple[Example, ...]:
     """Parse one JSONL split, refusing the first bad row with its line number."""
     if not path.is_file():
         raise DataError(f"{path}: file not found; a task folder needs train.jsonl and eval.jsonl")
     examples = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); save the "
+                                "file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:

@@ -156,7 +156,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     try:  # a key left empty (nightly:) takes its defaults
         return _PARAMS.validate_python({key: value for key, value in raw.items() if value is not None})
     except ValidationError as e:
-        raise ParamsError("\n".join(f"params.yaml: {line}" for line in describe(e, Params))) from None
+        raise ParamsError("\n".join(f"{path}: {line}" for line in describe(e, Params))) from None
 
 
 def lookup(params: Params, dotted: str):

@@ -139,6 +139,7 @@ class Outcome:
     source_version: str  # the base version it was carried over from
     decision: str  # one of DECISIONS
     reasons: list[str] = field(default_factory=list)
+    failure: str = ""  # when failed: incompatible (the base), bad input (files, data) or crashed
     old: dict[str, float] = field(default_factory=dict)  # exact match per task on the old base (registry)
     new: dict[str, float] = field(default_factory=dict)  # on the new base, as transferred
     zero_shot: dict[str, float] = field(default_factory=dict)  # the new base without an adapter
@@ -160,7 +161,7 @@ class Outcome:
     def crashed(cls, candidate: Candidate, error: str) -> Outcome:
         """An adapter whose judging raised even after its retries: failed, left for the reconciler."""
         return cls(candidate.name, candidate.source_version, "failed", reasons=[f"crashed: {error}"],
-                   old=dict(candidate.old))
+                   failure="crashed", old=dict(candidate.old))
 
 
 _zero_shot: dict[tuple[str, str], float] = {}
@@ -203,9 +204,10 @@ def revalidate(slot, adapter_dir: Path, candidate: Candidate, data_dir: Path, ga
         outcome.zero_shot = zero_shot(slot.model, slot.tokenizer, target, tasks, batch_size)
     except IncompatibleBase as e:
         outcome.reasons = [f"incompatible with {target.family}/{target.version}: {m}" for m in e.mismatches]
+        outcome.failure = "incompatible"
         return outcome
     except (AdapterFileError, DataError) as e:
-        outcome.reasons = [str(e)]
+        outcome.reasons, outcome.failure = [str(e)], "bad input"
         return outcome
     outcome.new = {task: m.exact_match for task, m in scores.items()}
     outcome.seconds["evaluate"] = round(time.perf_counter() - started, 2)

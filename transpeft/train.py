@@ -97,6 +97,9 @@ def train_loop(model, tokenizer, examples: list[Example], config: TrainConfig, p
     if truncated:
         log.warning("truncated %d of %d training rows to max_length %d tokens", truncated, len(encoded),
                     config.max_length)
+    if config.batch_size > len(encoded):
+        log.warning("batch_size %d is larger than the %d training rows: every batch holds those %d rows",
+                    config.batch_size, len(encoded), len(encoded))
     # Knowledge dropping leaves the dropped FFNs' adapter weights without gradients in that step:
     # under DDP they must be allowed to be unused (every process drops the same layers: one seed).
     ddp = DistributedDataParallelKwargs(find_unused_parameters=config.p_c > 0)
@@ -198,6 +201,10 @@ def train_adapter(base_model, tokenizer, base: BaseInfo, tasks: list[Task], meth
             model = get_method(method.name).attach(base_model, method)
         else:
             model = get_method(method.name).load(base_model, Path(warm_start), trainable=True)
+    for task in tasks:
+        if task.duplicates():
+            log.warning("%s: %d of %d training rows repeat an earlier row; they weigh more in training (see "
+                        "`transpeft data validate`)", task.name, task.duplicates(), len(task.train))
     examples = [ex for task in tasks for ex in task.train]
     result = train_loop(model, tokenizer, examples, config, progress)
     metrics = {task.name: evaluate(model, tokenizer, list(task.eval)).as_dict() for task in tasks}
@@ -207,6 +214,8 @@ def train_adapter(base_model, tokenizer, base: BaseInfo, tasks: list[Task], meth
         training={**asdict(config), "final_loss": result.losses[-1], "tokens": result.tokens,
                   "seconds": round(result.seconds, 2), "ffn_dropped": result.ffn_dropped, "placement": placed(model),
                   "truncated_rows": result.truncated, "padding_tokens": result.padded,
+                  # what a batch really held, when the data is smaller than the batch size asked for
+                  **({"batch_size_used": len(examples)} if config.batch_size > len(examples) else {}),
                   "warm_start": str(warm_start) if warm_start else None,
                   "loss_curve": [round(x, 5) for x in result.losses]},
         metrics=metrics, library_versions=library_versions(),

@@ -16,11 +16,14 @@ import tempfile
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
 
 from flows import PARAMS, failure, fanout_runner, registry_uri
 from tasks.revalidate import close_run, fetch_adapter, judge_adapter, open_run, plan_revalidation, record
 from transpeft.params import load_params
 from transpeft.revalidate import Outcome
+
+MAX_RUNS = 3  # a run that crashed is run again, up to this many runs in all
 
 
 @flow(name="transfer-on-base-update", task_runner=fanout_runner(), log_prints=True)
@@ -28,6 +31,9 @@ def transfer_on_base_update(family: str, version: str, data_dir: str = "pipeline
                             params_file: str = PARAMS) -> dict:
     """Transfer, judge and re-register every adapter of ``family`` on base ``version``."""
     logger = get_run_logger()
+    if flow_run.run_count > MAX_RUNS:  # flows/automations.yaml schedules a crashed run again
+        raise RuntimeError(f"{family}/{version}: this revalidation crashed {flow_run.run_count - 1} times; not run "
+                           "again. Find the cause in its logs; the nightly reconciler runs it once it is fixed")
     params = load_params(params_file)
     uri, gate = registry_uri(params_file), params.gate
     revalidation = plan_revalidation(uri, family, version)

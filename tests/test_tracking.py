@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -164,14 +161,19 @@ def test_an_unreachable_server_is_an_error_never_a_local_fallback():
         Registry("file:///tmp/mlruns")
 
 
-def test_cli_registers_bases_trains_transfers_and_lists_side_by_side(mlflow_server, family, tmp_path):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.url}
+def test_cli_registers_bases_trains_transfers_and_lists_side_by_side(mlflow_server, family, tmp_path, capsys,
+                                                                     monkeypatch):
+    """The commands a user types, called in-process (tests/test_cli.py runs the real executable)."""
+    from transpeft.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
 
     def cli(*args, check=True):
-        done = subprocess.run([sys.executable, "-m", "transpeft.cli", *map(str, args)], capture_output=True,
-                              text=True, env=env, timeout=300)
-        assert not check or done.returncode == 0, done.stderr[-2000:]
-        return done
+        capsys.readouterr()
+        returncode = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        assert not check or returncode == 0, err[-2000:]
+        return SimpleNamespace(returncode=returncode, stdout=out, stderr=err)
 
     bases = family / "tiny"
     common = ["--data", family / "data", "--tasks", "sort", "--steps", 2, "--batch-size", 8]

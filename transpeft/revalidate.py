@@ -300,7 +300,8 @@ class Summary:
         return asdict(self)
 
     def line(self) -> str:
-        return (f"{self.base} {self.state}: {self.passed} passed, {self.retuned} re-tuned, {self.flagged + self.failed} failed "
+        return (f"{self.base} {self.state}: {self.passed} passed, {self.retuned} re-tuned, "
+                f"{self.flagged + self.failed} failed "
                 f"({self.flagged} flagged, {self.failed} could not be evaluated), {self.already_done} already "
                 f"there; MLflow run {self.run_id}")
 

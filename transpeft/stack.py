@@ -43,6 +43,8 @@ WORK_POOL = "transpeft-local"
 WORKER_NAME = "transpeft-local-worker"
 WEBHOOK_NAME = "transpeft-base-registered"
 WEBHOOK_EVENTS = ["model_version.created"]
+AUTOMATIONS = "flows/automations.yaml"
+HEARTBEAT_S = 30  # a flow run's heartbeat period; Prefect allows 30 s at the least
 # What each process's command line contains; a pid file whose process does not match is stale (pid reuse).
 MARKERS = {"prefect-server": "server", "mlflow": "mlflow", "webhook-receiver": "webhook_receiver",
            "worker": "worker"}
@@ -172,6 +174,7 @@ def up(stack: Stack, say: Callable[[str], None] = print) -> None:
     say(f"mlflow webhook {WEBHOOK_NAME}: {action} -> {stack.webhook_url}")
     start_worker(stack, say)  # before the deploy: the worker creates the work pool the deployments name
     deploy(stack, say)
+    say(f"automations: {', '.join(automate(stack.prefect_api_url, stack.project / AUTOMATIONS))} ({AUTOMATIONS})")
     say(f"""
 Prefect UI  {stack.prefect_url}
 MLflow UI   {stack.mlflow_url}
@@ -263,7 +266,10 @@ def start_worker(stack: Stack, say) -> None:
            "--type", "process", "--install-policy", "never"]
     started = time.time() - 1
     # Poll every 2 s (Prefect's default is 10): a registered base's revalidation starts within seconds.
-    process = _spawn(stack, name, cmd, stack.env(PREFECT_WORKER_QUERY_SECONDS="2"))
+    # Heartbeats every 30 s (Prefect's default is 180): flows/automations.yaml marks a run Crashed after
+    # 60 s without one, so a killed run frees its slot and is run again within about a minute and a half.
+    process = _spawn(stack, name, cmd, stack.env(PREFECT_WORKER_QUERY_SECONDS="2",
+                                                 PREFECT_FLOWS_HEARTBEAT_FREQUENCY=str(HEARTBEAT_S)))
     _wait(stack, name, process, 60, ready=lambda: worker_online(stack, since=started),
           hint=f"check that the Prefect server answers at {stack.prefect_api_url}/health")
     say(f"{name}: up (pid {process.pid}), polling work pool {WORK_POOL}")
@@ -294,6 +300,23 @@ def deploy(stack: Stack, say) -> None:
                          f"see {stack.log_file('deploy')}")
     stamp.write_text(fingerprint + "\n")
     say(f"deployments: {', '.join(names)} deployed in {time.monotonic() - started:.0f} s")
+
+
+def automate(api_url: str, declared: Path) -> list[str]:
+    """Create the automations declared in ``declared`` (flows/automations.yaml) on the Prefect server at
+    ``api_url``, or update them in place by name; their names."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.events.schemas.automations import AutomationCore
+
+    automations = [AutomationCore.model_validate(raw) for raw in yaml.safe_load(declared.read_text())["automations"]]
+    with SyncPrefectClient(api_url) as client:
+        for automation in automations:
+            existing = client.read_automations_by_name(automation.name)
+            if existing:
+                client.update_automation(existing[0].id, automation)
+            else:
+                client.create_automation(automation)
+    return [a.name for a in automations]
 
 
 def deployed(stack: Stack) -> list[str]:

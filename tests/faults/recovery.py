@@ -67,8 +67,11 @@ def assert_recovered(fleet: Fleet, version: str, summary: dict, served: set[str]
                      failed: set[str] = frozenset()) -> dict:
     """The promises after any fault: one version per adapter on ``version`` (none for those that
     ``failed`` alone), aliased when ``served`` (default: all), nothing half-written, and the parent
-    run's counts equal to what the registry holds. Returns the counts."""
+    run's counts equal to what the registry holds. Returns the run's counts, with how many adapters
+    were lost (no version) and how many versions were doubled, as measured before asserting."""
     on = fleet.on(version)
+    lost = sum(not on[n] for n in fleet.adapters if n not in failed)
+    duplicated = sum(max(len(rows) - 1, 0) for rows in on.values())
     assert {name: len(rows) for name, rows in on.items()} == {n: int(n not in failed) for n in fleet.adapters}, on
     for name, rows in on.items():
         for record in rows:
@@ -86,7 +89,7 @@ def assert_recovered(fleet: Fleet, version: str, summary: dict, served: set[str]
     assert counted["already_done"] == sum(bool(rows) for rows in on.values()) - sum(
         d != "failed" for d in decided.values())
     assert counted["failed"] == len(failed)
-    return counted
+    return {**counted, "lost": lost, "duplicated": duplicated}
 
 
 def copy_base(world: Path, version: str, as_version: str) -> Path:

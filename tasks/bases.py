@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import task
 
 from transpeft.bases import BaseRef, describe_base
-from transpeft.events import base_registered_event, emit
+from transpeft.events import announcement, emit
 from transpeft.tracking import BaseRecord, Registry
 
 from . import IO
@@ -22,7 +22,4 @@ def register(uri: str, ref: BaseRef, parent: str | None) -> BaseRecord:
 @task(**IO)
 def announce(record: BaseRecord, prefect_api_url: str | None = None) -> str:
     """Emit `transpeft.base.registered` for it; returns the event id."""
-    event = base_registered_event(record.family, record.version, fingerprint=record.fingerprint,
-                                  mlflow_version=record.model_version, source=record.source, parent=record.parent,
-                                  announced_by="register-base-flow")
-    return emit(event, prefect_api_url)
+    return emit(announcement(record, "register-base-flow"), prefect_api_url)

@@ -255,8 +255,8 @@ def _gate(params_file: str):
 
 def cmd_bases_register(args) -> int:
     from .bases import describe_base
-    from .events import (BASE_REGISTERED, TRANSFER_DEPLOYMENT, EventNotDelivered, base_registered_event,
-                         check_reachable, emit, prefect_api_url)
+    from .events import (BASE_REGISTERED, TRANSFER_DEPLOYMENT, EventNotDelivered, announcement, check_reachable,
+                         emit, prefect_api_url)
 
     registry = _registry(args)
     api_url = None if args.no_event else prefect_api_url(args.prefect_api_url)
@@ -268,9 +268,7 @@ def cmd_bases_register(args) -> int:
     text = (f"registered base {record.family}/{record.version} as base-{record.family} "
             f"version {record.model_version} ({record.fingerprint})")
     if api_url:
-        event = base_registered_event(record.family, record.version, fingerprint=record.fingerprint,
-                                      mlflow_version=record.model_version, source=record.source,
-                                      parent=record.parent, announced_by="transpeft-cli")
+        event = announcement(record, "transpeft-cli")
         try:
             payload["event_id"] = emit(event, api_url)
         except EventNotDelivered as e:

@@ -73,6 +73,16 @@ def base_registered_event(family: str, version: str, event_id_seed: str | None =
     }
 
 
+def announcement(record, announced_by: str) -> dict:
+    """The event announcing a registered base version (a ``tracking.BaseRecord``). Its id derives from
+    the registry version, so announcing one registration again (a re-run command, a retried task, 20
+    announcements in a burst) is one event to Prefect's triggers, and starts one revalidation."""
+    return base_registered_event(record.family, record.version,
+                                 event_id_seed=f"registered {record.family}/{record.version} #{record.model_version}",
+                                 fingerprint=record.fingerprint, mlflow_version=record.model_version,
+                                 source=record.source, parent=record.parent, announced_by=announced_by)
+
+
 def emit(event: dict, api_url: str | None = None, timeout: float = 10) -> str:
     """POST the event to {api_url}/events and return its id; EventNotDelivered unless it was accepted."""
     api_url = prefect_api_url(api_url)

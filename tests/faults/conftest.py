@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 import pytest
-from recovery import Fleet
+from faults.recovery import Fleet
 
 from transpeft.adapters import read_manifest
 from transpeft.bases import BaseRef, describe_base

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import pytest
 
-from recovery import GATE_PASS_ALL, GATE_RETUNE_ALL, PROJECT_ROOT, assert_recovered, half_written
+from faults.recovery import GATE_PASS_ALL, GATE_RETUNE_ALL, PROJECT_ROOT, assert_recovered, half_written
 from flows.transfer_on_base_update import transfer_on_base_update
 
 pytestmark = pytest.mark.server

@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from recovery import GATE_PASS_ALL, assert_recovered
+from faults.recovery import GATE_PASS_ALL, assert_recovered
 
 from flows.transfer_on_base_update import transfer_on_base_update
 from servers import start_mlflow, wait_until

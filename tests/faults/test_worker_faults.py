@@ -16,7 +16,7 @@ import time
 
 import psutil
 import pytest
-from recovery import GATE_RETUNE_ALL, PROJECT_ROOT, assert_recovered
+from faults.recovery import GATE_RETUNE_ALL, PROJECT_ROOT, assert_recovered
 
 from servers import deploy, prefect_api, start_prefect, wait_until
 from transpeft import stack

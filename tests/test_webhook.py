@@ -362,3 +362,39 @@ def test_mlflow_registration_becomes_a_prefect_event_and_a_transfer_run(tmp_path
         mlflow_server.stop()
         for server in (receiver, wrong_receiver):
             stop(server)
+
+
+@pytest.mark.server
+def test_under_load_every_valid_delivery_is_emitted_once_and_a_slow_client_blocks_no_one(live_receiver):
+    """200 signed deliveries and 50 bad ones at once, while a client trickles its body a byte a second:
+    each valid delivery emitted once, each bad one refused, the trickler cut off at the deadline."""
+    import socket
+
+    from transpeft.webhook import BODY_DEADLINE_S
+
+    def trickle() -> tuple[float, bytes]:
+        """Send the headers, then a byte a second; (seconds until the receiver answered or hung up, what it said)."""
+        started = time.monotonic()
+        with socket.create_connection(live_receiver.server_address[:2], timeout=1) as sock:
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+            while time.monotonic() - started < 30:
+                try:
+                    sock.sendall(b"{")
+                    return time.monotonic() - started, sock.recv(200)  # waits 1 s for an answer
+                except TimeoutError:
+                    continue
+                except OSError as e:  # reset: the receiver closed with our bytes unread
+                    return time.monotonic() - started, repr(e).encode()
+        return time.monotonic() - started, b""
+
+    valid = [(body, signed(body)) for body in (payload(name=f"base-load{i}") for i in range(200))]
+    bad = [(body, signed(body, secret="wrong")) for body in (payload(name=f"base-bad{i}") for i in range(50))]
+    with ThreadPoolExecutor(32) as pool:
+        slow = pool.submit(trickle)
+        answers = list(pool.map(lambda request: post(live_receiver, *request)[0], valid + bad))
+        served_while_trickling = not slow.done()
+        cut_after, reply = slow.result()
+    assert answers == [202] * 200 + [401] * 50 and served_while_trickling
+    assert (b" 408 " in reply or b"ConnectionReset" in reply) and BODY_DEADLINE_S - 2 < cut_after < BODY_DEADLINE_S + 5, \
+        (cut_after, reply)
+    assert [post(live_receiver, *request)[0] for request in valid[:5]] == [200] * 5  # each was emitted once

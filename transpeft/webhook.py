@@ -41,6 +41,7 @@ SIGNATURE_VERSION = "v1"
 MAX_BODY = 64 * 1024
 MAX_AGE_S = 300  # older deliveries are replays (MLflow's own retries end within about two minutes)
 MAX_SKEW_S = 30  # tolerated clock difference between the MLflow host and this one
+BODY_DEADLINE_S = 10  # a delivery's whole body must arrive within this (MLflow sends at most 64 KiB at once)
 
 
 class SignatureError(Exception):
@@ -104,6 +105,7 @@ def base_event(payload: dict, delivery_id: str, prefix: str = "base-") -> dict |
 
 class WebhookServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # the listen backlog; socketserver's 5 resets connections under a burst of deliveries
 
     def __init__(self, address: tuple[str, int], secret: str, api_url: str, prefix: str):
         if not secret:
@@ -165,7 +167,10 @@ class _Handler(BaseHTTPRequestHandler):
         if int(length) > MAX_BODY:
             self.close_connection = True  # the body stays unread
             return self._reply(413, f"body of {length} bytes exceeds {MAX_BODY}")
-        body = self.rfile.read(int(length))
+        body = self._read_body(int(length))
+        if body is None:
+            self.close_connection = True
+            return self._reply(408, f"body not received within {BODY_DEADLINE_S} s")
         delivery_id = self.headers.get(DELIVERY_ID_HEADER, "-")
         try:
             verify_signature(self.server.secret, self.headers, body)
@@ -194,6 +199,26 @@ class _Handler(BaseHTTPRequestHandler):
         resource = event["resource"]
         return self._reply(202, f"emitted {BASE_REGISTERED} family={resource['transpeft.family']} "
                                 f"version={resource['transpeft.version']} event={event['id']}", delivery_id)
+
+    def _read_body(self, length: int) -> bytes | None:
+        """The body, or None when it did not arrive whole within BODY_DEADLINE_S: a client that trickles
+        its bytes (each read within the socket timeout) is cut off all the same."""
+        deadline = time.monotonic() + BODY_DEADLINE_S
+        chunks, left = [], length
+        while left:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            self.connection.settimeout(min(remaining, self.timeout))
+            try:
+                chunk = self.rfile.read1(left)
+            except TimeoutError:
+                return None
+            if not chunk:  # the client hung up
+                return None
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
 
     def _reply(self, status: int, reason: str, delivery_id: str = "-", quiet: bool = False) -> None:
         if not quiet:

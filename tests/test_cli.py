@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
 
 import pytest
 
-from transpeft.cli import build_parser
+from transpeft.cli import build_parser, main
 
 COMMANDS = [["bases", "build-demo"], ["bases", "fingerprint"], ["bases", "register"], ["bases", "list"],
             ["adapters", "list"], ["data", "build-demo"], ["data", "validate"], ["train"], ["evaluate"],
             ["transfer"], ["study"], ["story"], ["stack"]]
 
 
-def cli(*args, check=True, timeout=600):
-    done = subprocess.run([sys.executable, "-m", "transpeft.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+def cli(*args, check=True, timeout=600, executable=False):
+    """`transpeft ARGS`: its exit code, stdout and stderr. In this process (each new interpreter costs
+    seconds of imports), or with ``executable`` as the installed command, for the end-to-end test."""
+    if executable:
+        done = subprocess.run([sys.executable, "-m", "transpeft.cli", *map(str, args)], capture_output=True,
+                              text=True, timeout=timeout)
+    else:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as exited:  # argparse refusing a flag
+                code = exited.code
+        done = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
     if check and done.returncode != 0:
         raise AssertionError(f"transpeft {' '.join(map(str, args))} exited {done.returncode}:\n{done.stderr[-3000:]}")
     return done
@@ -41,11 +54,12 @@ def demo(tmp_path_factory):
 
 def test_train_evaluate_and_transfer(demo):
     trained = json.loads(cli("train", "--base", demo / "bases/v1", "--data", demo / "data", "--tasks", "reverse,sort",
-                             "--steps", 3, "--batch-size", 8, "--p-c", 0.1, "--out", demo / "adapter", "--json").stdout)
+                             "--steps", 3, "--batch-size", 8, "--p-c", 0.1, "--out", demo / "adapter", "--json",
+                             executable=True).stdout)
     assert set(trained["metrics"]) == {"reverse", "sort"} and trained["base"].endswith("/v1")
 
     evaluated = json.loads(cli("evaluate", "--base", demo / "bases/v1", "--data", demo / "data", demo / "adapter",
-                               "--json").stdout)
+                               "--json", executable=True).stdout)
     assert evaluated["results"][str(demo / "adapter")] == trained["metrics"]
 
     moved = json.loads(cli("transfer", demo / "adapter", "--from", demo / "bases/v1", "--to", demo / "bases/v2",

@@ -201,14 +201,6 @@ def test_study_quick_builds_its_family_and_writes_every_output(tmp_path):
     assert "building the" not in again.stdout and "jobs already done" in again.stdout
 
 
-def test_the_gpu_profile_family_builds_on_the_cpu(tmp_path):
-    """The GPU study's family (27.5 M parameters) in its quick form; the study on it is the same code as above."""
-    built = json.loads(cli("bases", "build-demo", "--profile", "gpu", "--quick", "--out", tmp_path, "--json").stdout)
-    family = json.loads((tmp_path / "family.json").read_text())
-    assert family["profile"] == "gpu" and family["quick"] and set(family["versions"]) == {"v1", "v2", "v3"}
-    assert (family["settings"]["layers"], family["settings"]["hidden"]) == (8, 512) and built
-
-
 def test_dockerfile_is_lint_clean_and_runs_the_readme_commands():
     """hadolint finds nothing, and the image does what the README says: make install, then make demo."""
     from pathlib import Path

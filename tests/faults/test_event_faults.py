@@ -11,16 +11,13 @@ import pytest
 
 from servers import prefect_api, wait_until
 from transpeft.cli import main
-from transpeft.demo.family import build_demo_family
 
 pytestmark = pytest.mark.server
 
 
 @pytest.fixture(scope="module")
-def bases(tmp_path_factory):
-    root = tmp_path_factory.mktemp("event-faults")
-    build_demo_family(root, profile="test", progress=False)
-    return root
+def bases(world):
+    return world / "bases"
 
 
 def register(capsys, base, family: str, version: str, mlflow_url: str, prefect_url: str) -> dict:

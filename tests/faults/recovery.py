@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,11 +89,3 @@ def assert_recovered(fleet: Fleet, version: str, summary: dict, served: set[str]
         d != "failed" for d in decided.values())
     assert counted["failed"] == len(failed)
     return {**counted, "lost": lost, "duplicated": duplicated}
-
-
-def copy_base(world: Path, version: str, as_version: str) -> Path:
-    """Another base version with the same weights under a new folder (a new version name to register)."""
-    target = world / "bases" / as_version
-    if not target.exists():
-        shutil.copytree(world / "bases" / version, target)
-    return target

@@ -12,8 +12,6 @@ base registers nothing twice: adapters already on the new base are left as they 
 
 from __future__ import annotations
 
-import tempfile
-
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
@@ -21,7 +19,7 @@ from prefect.runtime import flow_run
 from flows import PARAMS, failure, fanout_runner, registry_uri
 from tasks.revalidate import close_run, fetch_adapter, judge_adapter, open_run, plan_revalidation, record
 from transpeft.params import load_params
-from transpeft.revalidate import Outcome
+from transpeft.revalidate import Outcome, workdir
 
 MAX_RUNS = 3  # a run that crashed is run again, up to this many runs in all
 
@@ -41,11 +39,11 @@ def transfer_on_base_update(family: str, version: str, data_dir: str = "pipeline
                 len(revalidation.candidates), len(revalidation.done))
     parent_run = open_run(uri, revalidation)
 
-    with tempfile.TemporaryDirectory(prefix=f"revalidate-{family}-{version}-") as workdir:
+    with workdir(family, version) as scratch:
         chains = []
         for candidate in revalidation.candidates:
-            files = fetch_adapter.submit(uri, candidate, workdir)
-            outcome = judge_adapter.submit(files, candidate, revalidation.target, data_dir, gate, workdir,
+            files = fetch_adapter.submit(uri, candidate, scratch)
+            outcome = judge_adapter.submit(files, candidate, revalidation.target, data_dir, gate, scratch,
                                            params.placement)
             chains.append((candidate, (files, outcome, record.submit(uri, parent_run, revalidation.target, outcome))))
         outcomes, crashed = [], []

@@ -96,6 +96,19 @@ def prefect_server(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def prefect_api(prefect_server):
+    """Flow runs of this process, and of Dask worker processes it starts, go to the test Prefect server
+    (the session's, or the one a module starts as its own ``prefect_server``)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    patch = pytest.MonkeyPatch()
+    patch.setenv("PREFECT_API_URL", prefect_server)
+    with temporary_settings({PREFECT_API_URL: prefect_server}):
+        yield prefect_server
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def transfer_deployment(prefect_server, tmp_path_factory):
     """The id of prefect.yaml's `transfer-on-base-update/all-adapters`, with its event trigger, deployed on the

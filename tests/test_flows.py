@@ -39,18 +39,6 @@ GATE_FAIL_ALL = {**GATE_PASS_ALL, "min_score": 1.01}
 
 
 @pytest.fixture(scope="module")
-def prefect_api(prefect_server):
-    """Flow runs of this process, and of Dask worker processes it starts, go to the test server."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    patch = pytest.MonkeyPatch()
-    patch.setenv("PREFECT_API_URL", prefect_server)
-    with temporary_settings({PREFECT_API_URL: prefect_server}):
-        yield prefect_server
-    patch.undo()
-
-
-@pytest.fixture(scope="module")
 def project(tmp_path_factory, mlflow_server, prefect_api):
     """A project with the test family v1-v3, two tasks, and params.yaml pointing at the servers."""
     root = tmp_path_factory.mktemp("project")

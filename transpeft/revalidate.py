@@ -25,6 +25,7 @@ re-tuning diverged), failed (could not be evaluated: incompatible base, unreadab
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import threading
 import time
@@ -241,6 +242,17 @@ def revalidate(slot, adapter_dir: Path, candidate: Candidate, data_dir: Path, ga
         outcome.decision, outcome.adapter_dir, outcome.manifest = "flagged", str(adapter_dir), manifest
         outcome.reasons.append(f"re-tuned for {gate.retune_steps} steps, still failing: " + "; ".join(again.reasons))
     return outcome
+
+
+def workdir(family: str, version: str) -> tempfile.TemporaryDirectory:
+    """A revalidation's scratch folder, after removing those a killed run of the same base left (their
+    downloads and any half-written re-tuned adapter): one revalidation of a base runs at a time."""
+    for stale in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}{family}-{version}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return tempfile.TemporaryDirectory(prefix=f"{WORKDIR_PREFIX}{family}-{version}-")
+
+
+WORKDIR_PREFIX = "revalidate-"
 
 
 # -- the record in MLflow -----------------------------------------------------------------------

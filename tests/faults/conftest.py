@@ -44,18 +44,6 @@ def world(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def prefect_api(prefect_server):
-    """Flow runs of this process go to the session's Prefect server."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    patch = pytest.MonkeyPatch()
-    patch.setenv("PREFECT_API_URL", prefect_server)
-    with temporary_settings({PREFECT_API_URL: prefect_server}):
-        yield prefect_server
-    patch.undo()
-
-
 @pytest.fixture
 def fleet(world, mlflow_server, request) -> Fleet:
     family = request.node.name.removeprefix("test_").replace("_", "-")[:40]

@@ -85,7 +85,7 @@ def test_worker_and_flow_run_killed_during_retuning_are_recovered_by_prefect_alo
 
             worker = start_worker(prefect_api, log)  # the stack brought up again (make up)
             crashed = wait_until(lambda: flow_run(prefect_api, run_id)["state"]["type"] == "CRASHED"
-                                 or flow_run(prefect_api, run_id)["run_count"] > 1, timeout=150, step=1)
+                                 or flow_run(prefect_api, run_id)["run_count"] > 1, timeout=300, step=1)  # 30-90 s; more when loaded
             crashed_after = time.monotonic() - killed_at
             assert crashed, flow_run(prefect_api, run_id)["state"]
             rerun = wait_until(lambda: flow_run(prefect_api, run_id)["run_count"] > 1, timeout=60, step=1)

@@ -2,8 +2,13 @@
 # the local stack stays up for its UIs.
 #
 #   docker build -t transpeft .
-#   docker run --rm -p 4200:4200 -p 5000:5000 transpeft        # Prefect UI :4200, MLflow UI :5000
+#   docker run --rm -p 4200:4200 -p 5000:5000 --env-file secrets.env transpeft   # Prefect UI :4200, MLflow UI :5000
 #   docker run --rm transpeft make test                         # the test suite, as CI runs it
+#
+# The servers listen on 0.0.0.0 here, so they start only locked (transpeft/auth.py): secrets.env, kept
+# out of the image and the repository, holds MLFLOW_TRACKING_PASSWORD=... (12 characters at least) and
+# PREFECT_API_AUTH_STRING=admin:...; or mount them as files and pass MLFLOW_TRACKING_PASSWORD_FILE and
+# PREFECT_API_AUTH_STRING_FILE. The UIs ask for them; the webhook receiver stays on loopback.
 #
 # GPU variant: a CUDA build of the same torch, from PyTorch's index, on an image with the CUDA runtime:
 #   docker build -t transpeft:gpu --build-arg BASE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \

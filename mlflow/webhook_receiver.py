@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 
+from transpeft.auth import from_files
 from transpeft.events import DEFAULT_PREFECT_API_URL, EventNotDelivered, check_reachable
 from transpeft.webhook import make_server
 
@@ -32,6 +33,7 @@ def main() -> int:
                                                   f"(default: $PREFECT_API_URL, else {DEFAULT_PREFECT_API_URL})")
     parser.add_argument("--prefix", default="base-", help="registered-model name prefix of base families")
     args = parser.parse_args()
+    from_files()  # PREFECT_API_AUTH_STRING_FILE: the events go to a locked Prefect server
     secret = os.environ.get("TRANSPEFT_WEBHOOK_SECRET", "")
     if not secret:
         parser.error("set TRANSPEFT_WEBHOOK_SECRET to the secret given to MLflow's create_webhook")

@@ -92,6 +92,8 @@ def start_mlflow(root: Path, port: int | None = None, env: dict | None = None, t
         "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{root / 'mlflow.db'}",
         "MLFLOW_ARTIFACTS_DESTINATION": str(root / "artifacts"),
         "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": key_file.read_text().strip(),
+        # Loopback only, as the stack's own server: webhooks may go to the receiver on 127.0.0.1.
+        "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
         **(env or {}),
     }
     mlflow_bin = Path(sys.executable).with_name("mlflow")

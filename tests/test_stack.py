@@ -44,7 +44,9 @@ def project(tmp_path, monkeypatch):
         shutil.copy2(ROOT / "mlflow" / name, root / "mlflow" / name)
     for key in ("TRANSPEFT_STACK_DIR", "MLFLOW_STORE_DIR", "TRANSPEFT_WEBHOOK_SECRET", "PREFECT_API_URL",
                 "MLFLOW_TRACKING_URI", "MLFLOW_BACKEND_STORE_URI", "MLFLOW_ARTIFACTS_DESTINATION",
-                "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY", "PREFECT_API_DATABASE_CONNECTION_URL"):
+                "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY", "PREFECT_API_DATABASE_CONNECTION_URL", "TRANSPEFT_BIND_HOST",
+                "MLFLOW_HOST", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_PASSWORD_FILE",
+                "PREFECT_API_AUTH_STRING_FILE"):
         monkeypatch.delenv(key, raising=False)
     ports = {"PREFECT_PORT": free_port(), "MLFLOW_PORT": free_port(), "TRANSPEFT_WEBHOOK_PORT": free_port()}
     for key, value in {**ports, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",

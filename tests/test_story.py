@@ -1,9 +1,11 @@
 """`make demo`'s story end to end on the test profile: a copy of the project, its own git + DVC repo,
-the real local stack on free ports, and the report with every arm. About 3 minutes."""
+the real local stack on free ports with auth on (MLflow's basic-auth app, Prefect's auth string), and
+the report with every arm. About 3 minutes."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -38,8 +40,13 @@ def project(tmp_path, monkeypatch):
 
     ports = {"PREFECT_PORT": free_port(), "MLFLOW_PORT": free_port(), "TRANSPEFT_WEBHOOK_PORT": free_port()}
     for key in ("TRANSPEFT_STACK_DIR", "MLFLOW_STORE_DIR", "TRANSPEFT_WEBHOOK_SECRET", "MLFLOW_BACKEND_STORE_URI",
-                "MLFLOW_ARTIFACTS_DESTINATION", "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"):
+                "MLFLOW_ARTIFACTS_DESTINATION", "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY", "TRANSPEFT_BIND_HOST",
+                "MLFLOW_HOST", "MLFLOW_TRACKING_PASSWORD_FILE", "PREFECT_API_AUTH_STRING_FILE"):
         monkeypatch.delenv(key, raising=False)
+    # With auth on: every step, the worker's flow runs and the webhook receiver sign in with these.
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", secrets.token_urlsafe(16))
+    monkeypatch.setenv("PREFECT_API_AUTH_STRING", f"admin:{secrets.token_urlsafe(16)}")
     for key, value in {**ports, "PREFECT_API_URL": f"http://127.0.0.1:{ports['PREFECT_PORT']}/api",
                        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports['MLFLOW_PORT']}",
                        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",

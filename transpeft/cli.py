@@ -560,6 +560,7 @@ def _add_tasks(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import auth
     from .adapters import AdapterFileError, AdapterNotSaved
     from .bases import BaseLoadError
     from .data import DataError
@@ -576,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "json", False):  # MLflow prints "View run ... at" on stdout when a run ends: not JSON
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
+        auth.from_files()  # secrets in *_FILE files into the variables MLflow's and Prefect's clients read
         return args.func(args)
     except IncompatibleBase as e:
         print(f"error: {e}", file=sys.stderr)

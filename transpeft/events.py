@@ -21,6 +21,7 @@ import urllib.request
 import uuid
 from datetime import datetime, timezone
 
+from . import auth
 from .health import health_problem
 
 BASE_REGISTERED = "transpeft.base.registered"
@@ -87,7 +88,7 @@ def emit(event: dict, api_url: str | None = None, timeout: float = 10) -> str:
     """POST the event to {api_url}/events and return its id; EventNotDelivered unless it was accepted."""
     api_url = prefect_api_url(api_url)
     request = urllib.request.Request(f"{api_url}/events", data=json.dumps([event]).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", **auth.prefect_headers()})
     what = f"event {event.get('event')} ({event.get('id')})"
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:

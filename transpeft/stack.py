@@ -11,6 +11,11 @@ Run from the project root (the directory holding prefect.yaml) or below it. Ever
     .stack/          the other pid files, logs/<component>.log, webhook.secret (TRANSPEFT_STACK_DIR moves it)
 Ports: PREFECT_PORT (4200), MLFLOW_PORT (5000), TRANSPEFT_WEBHOOK_PORT (5055).
 
+Locked doors (transpeft/auth.py): with MLFLOW_TRACKING_PASSWORD set, MLflow runs its basic-auth app
+with that admin; with PREFECT_API_AUTH_STRING set, the Prefect server asks for it. Listening beyond
+loopback (TRANSPEFT_BIND_HOST, MLFLOW_HOST: a container) is refused without both. MLflow may send
+webhooks to private addresses only while it listens on loopback, where the receiver is.
+
 This is the one supervisor of the stack's processes: mlflow/up and mlflow/down call start_mlflow and
 stop through `python -m transpeft.stack up|down PROJECT`. Prefect is imported inside the functions
 that ask the server through its client, never when the module loads.
@@ -34,11 +39,10 @@ from pathlib import Path
 import psutil
 import yaml
 
+from . import auth
 from .health import health_problem
 
 HOST = "127.0.0.1"
-# Where the Prefect server listens; clients always use HOST. A container sets 0.0.0.0 (see Dockerfile).
-BIND = os.environ.get("TRANSPEFT_BIND_HOST", HOST)
 WORK_POOL = "transpeft-local"
 WORKER_NAME = "transpeft-local-worker"
 WEBHOOK_NAME = "transpeft-base-registered"
@@ -68,6 +72,7 @@ class Stack:
     mlflow_port: int
     webhook_port: int
     bin: Path  # the virtualenv's bin: prefect, mlflow, python
+    bind: str = HOST  # where the Prefect server listens; clients always use HOST. A container sets 0.0.0.0
 
     @classmethod
     def find(cls, start: str | Path | None = None) -> Stack:
@@ -82,7 +87,8 @@ class Stack:
         store = Path(env.get("MLFLOW_STORE_DIR") or project / "mlflow" / "store").resolve()
         return cls(project=project, state=state, prefect_home=project / ".prefect", mlflow_store=store,
                    prefect_port=_port(env, "PREFECT_PORT", 4200), mlflow_port=_port(env, "MLFLOW_PORT", 5000),
-                   webhook_port=_port(env, "TRANSPEFT_WEBHOOK_PORT", 5055), bin=Path(sys.executable).parent)
+                   webhook_port=_port(env, "TRANSPEFT_WEBHOOK_PORT", 5055), bin=Path(sys.executable).parent,
+                   bind=env.get("TRANSPEFT_BIND_HOST") or HOST)
 
     @property
     def prefect_url(self) -> str:
@@ -129,7 +135,7 @@ class Stack:
                    PREFECT_HOME=str(self.prefect_home), PREFECT_API_URL=self.prefect_api_url,
                    PREFECT_SERVER_ANALYTICS_ENABLED="false", MLFLOW_TRACKING_URI=self.mlflow_url)
         env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-        env.update(extra)
+        env.update(auth.client_env(env), **extra)
         return env
 
     def deployments(self) -> dict[str, str]:
@@ -153,9 +159,15 @@ def up(stack: Stack, say: Callable[[str], None] = print) -> None:
     for needed in ("mlflow/server.env", "mlflow/webhook_receiver.py"):
         if not (stack.project / needed).exists():
             raise StackError(f"{stack.project / needed} is missing; is {stack.project} the transpeft project?")
+    try:
+        auth.check({"prefect-server": stack.bind, "mlflow": mlflow_settings(stack)["MLFLOW_HOST"]})
+    except auth.AuthError as e:
+        raise StackError(f"refused to start: {e}") from None
     (stack.state / "logs").mkdir(parents=True, exist_ok=True)
     stack.prefect_home.mkdir(parents=True, exist_ok=True)
-    say(f"stack of {stack.project} (state in {stack.state})")
+    locks = [name for name, on in (("MLflow basic-auth", auth.mlflow_on()), ("Prefect auth string", auth.prefect_on()))
+             if on]
+    say(f"stack of {stack.project} (state in {stack.state}; auth: {', '.join(locks) or 'off, loopback only'})")
     # The Prefect server migrates its database while MLflow starts: start both at once.
     running = _running(stack, "prefect-server", say)
     server = running or start_prefect_server(stack, say)
@@ -180,7 +192,8 @@ Prefect UI  {stack.prefect_url}
 MLflow UI   {stack.mlflow_url}
 Logs        {stack.state / 'logs'}/ and {stack.log_file('mlflow')}
 To run a deployment from a shell:
-  export PREFECT_API_URL={stack.prefect_api_url} MLFLOW_TRACKING_URI={stack.mlflow_url}
+  export PREFECT_API_URL={stack.prefect_api_url} MLFLOW_TRACKING_URI={stack.mlflow_url}{
+      ' (and the auth variables this stack was started with)' if locks else ''}
   {stack.bin / 'prefect'} deployment run 'transfer-on-base-update/all-adapters' -p family=demo -p version=v2
 Stop it all with `make down` (transpeft stack down).""")
 
@@ -190,9 +203,11 @@ def start_prefect_server(stack: Stack, say) -> psutil.Process:
 
     Not `--background`: its server writes its log to a pipe of the command that started it and is gone.
     """
-    cmd = [stack.tool("prefect"), "server", "start", "--host", BIND, "--port", str(stack.prefect_port),
+    cmd = [stack.tool("prefect"), "server", "start", "--host", stack.bind, "--port", str(stack.prefect_port),
            "--analytics-off"]
-    process = _spawn(stack, "prefect-server", cmd, stack.env())
+    # The server asks for the string its clients send (PREFECT_API_AUTH_STRING, which the children inherit).
+    locked = {"PREFECT_SERVER_API_AUTH_STRING": os.environ[auth.PREFECT_AUTH]} if auth.prefect_on() else {}
+    process = _spawn(stack, "prefect-server", cmd, stack.env(**locked))
     say(f"prefect-server: starting at {stack.prefect_url} (log {stack.log_file('prefect-server')})")
     return process
 
@@ -203,22 +218,71 @@ def start_mlflow(stack: Stack, say) -> None:
         return
     store = stack.mlflow_store
     store.mkdir(parents=True, exist_ok=True)
-    settings = {**_settings(stack.project / "mlflow" / "server.env"), **stack.env()}
+    settings = mlflow_settings(stack)
     # Webhook secrets are stored encrypted with this key; a random key per start would make every
     # stored webhook undecryptable after a restart, and they would then fail silently.
     if not settings.get("MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"):  # a Fernet key: 32 random bytes, url-safe base64
         settings["MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"] = _kept_secret(
             store / "webhook-encryption.key", lambda: base64.urlsafe_b64encode(secrets.token_bytes(32)).decode())
+    # The receiver is on loopback: private addresses are open to webhooks only while nobody else can reach MLflow.
+    settings["MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS"] = str(auth.is_loopback(settings["MLFLOW_HOST"])).lower()
     backend = settings.get("MLFLOW_BACKEND_STORE_URI") or f"sqlite:///{store / 'mlflow.db'}"
     artifacts = settings.get("MLFLOW_ARTIFACTS_DESTINATION") or str(store / "artifacts")
     cmd = [stack.tool("mlflow"), "server", "--host", settings["MLFLOW_HOST"], "--port", str(stack.mlflow_port),
            "--workers", settings["MLFLOW_WORKERS"], "--backend-store-uri", backend,
            "--serve-artifacts", "--artifacts-destination", artifacts]
+    if auth.mlflow_on(settings):
+        cmd += ["--app-name", "basic-auth"]
+        settings.update(_basic_auth(stack, settings))
     # Run from the store so nothing MLflow writes to its working directory lands in the repo.
     process = _spawn(stack, "mlflow", cmd, settings, cwd=store)
     _wait(stack, "mlflow", process, float(settings.get("MLFLOW_START_TIMEOUT", 90)))
+    if auth.mlflow_on(settings) and not _signs_in(stack, settings):
+        raise StackError(f"mlflow: refuses {auth.MLFLOW_USER}={settings[auth.MLFLOW_USER]} with this "
+                         f"{auth.MLFLOW_PASSWORD}: its admin was created with another password on first start "
+                         f"(the user store is {settings['MLFLOW_AUTH_CONFIG_PATH']}'s database_uri); set the "
+                         "password it was created with, or change it through MLflow's update-password API")
     say(f"mlflow: MLflow up at {stack.mlflow_url} (pid {process.pid}, backend {backend}, artifacts {artifacts}, "
         f"log {stack.log_file('mlflow')})")
+
+
+def mlflow_settings(stack: Stack) -> dict[str, str]:
+    """mlflow/server.env's settings, overridden by the environment."""
+    return {**_settings(stack.project / "mlflow" / "server.env"), **stack.env()}
+
+
+def _basic_auth(stack: Stack, settings: Mapping[str, str]) -> dict[str, str]:
+    """The settings of MLflow's basic-auth app: its config file (users in the store, or
+    MLFLOW_AUTH_DATABASE_URI), the admin's password from the environment, a kept CSRF key."""
+    config = stack.mlflow_store / "basic-auth.ini"
+    users = settings.get("MLFLOW_AUTH_DATABASE_URI") or f"sqlite:///{stack.mlflow_store / 'basic-auth.db'}"
+    config.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {users}\n"
+                      f"admin_username = {settings[auth.MLFLOW_USER]}\n"
+                      "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                      # A password check (PBKDF2) costs ~0.1 s; cached for a minute, as MLflow offers. One
+                      # worker, so a password change through the API takes effect at once.
+                      "auth_cache_ttl_seconds = 60\n")
+    key = settings.get("MLFLOW_FLASK_SERVER_SECRET_KEY") or _kept_secret(stack.mlflow_store / "flask-secret.key",
+                                                                         lambda: secrets.token_urlsafe(32))
+    return {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": settings[auth.MLFLOW_PASSWORD],
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": key}
+
+
+def _signs_in(stack: Stack, settings: Mapping[str, str]) -> bool:
+    """Whether MLflow takes the admin's credentials (an authenticated read of one experiment)."""
+    import urllib.error
+    import urllib.request
+
+    token = base64.b64encode(f"{settings[auth.MLFLOW_USER]}:{settings[auth.MLFLOW_PASSWORD]}".encode()).decode()
+    request = urllib.request.Request(f"{stack.mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1",
+                                     headers={"Authorization": f"Basic {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10):
+            return True
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            return False
+        raise StackError(f"mlflow: answered {e.code} to an authenticated read; log {stack.log_file('mlflow')}") from None
 
 
 def webhook_secret(stack: Stack) -> str:
@@ -305,11 +369,10 @@ def deploy(stack: Stack, say) -> None:
 def automate(api_url: str, declared: Path) -> list[str]:
     """Create the automations declared in ``declared`` (flows/automations.yaml) on the Prefect server at
     ``api_url``, or update them in place by name; their names."""
-    from prefect.client.orchestration import SyncPrefectClient
     from prefect.events.schemas.automations import AutomationCore
 
     automations = [AutomationCore.model_validate(raw) for raw in yaml.safe_load(declared.read_text())["automations"]]
-    with SyncPrefectClient(api_url) as client:
+    with prefect_client(api_url) as client:
         for automation in automations:
             existing = client.read_automations_by_name(automation.name)
             if existing:
@@ -319,11 +382,16 @@ def automate(api_url: str, declared: Path) -> list[str]:
     return [a.name for a in automations]
 
 
-def deployed(stack: Stack) -> list[str]:
-    """Names of the deployments the Prefect server holds."""
+def prefect_client(api_url: str):
+    """Prefect's client for the server at ``api_url``, sending the auth string when there is one."""
     from prefect.client.orchestration import SyncPrefectClient
 
-    with SyncPrefectClient(stack.prefect_api_url) as client:
+    return SyncPrefectClient(api_url, auth_string=os.environ.get(auth.PREFECT_AUTH))
+
+
+def deployed(stack: Stack) -> list[str]:
+    """Names of the deployments the Prefect server holds."""
+    with prefect_client(stack.prefect_api_url) as client:
         return [deployment.name for deployment in client.read_deployments(limit=200)]
 
 
@@ -334,11 +402,10 @@ def worker_online(stack: Stack, since: float = 0) -> bool:
     heartbeat of the new process.
     """
     import httpx
-    from prefect.client.orchestration import SyncPrefectClient
     from prefect.exceptions import ObjectNotFound
 
     try:
-        with SyncPrefectClient(stack.prefect_api_url) as client:
+        with prefect_client(stack.prefect_api_url) as client:
             workers = client.read_workers_for_work_pool(WORK_POOL)
     except (ObjectNotFound, httpx.HTTPError):  # no pool yet (the worker creates it), or no server
         return False
@@ -527,10 +594,12 @@ def _tail(path: Path, lines: int = 20) -> str:
 
 if __name__ == "__main__":  # mlflow/up and mlflow/down: `python -m transpeft.stack up|down PROJECT`
     try:
+        auth.from_files()
         local = Stack.find(sys.argv[2])
         if sys.argv[1] == "up":
+            auth.check({"mlflow": mlflow_settings(local)["MLFLOW_HOST"]})
             start_mlflow(local, print)
         else:
             stop(local, "mlflow", print, float(os.environ.get("MLFLOW_STOP_TIMEOUT", 20)))
-    except StackError as e:
+    except (StackError, auth.AuthError) as e:
         sys.exit(f"error: {e}")

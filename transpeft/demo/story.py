@@ -26,6 +26,7 @@ import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..auth import prefect_headers
 from ..events import prefect_api_url
 from ..stages import BASES, DATA
 
@@ -61,7 +62,7 @@ def _run(*command: str) -> None:
 def _api(path: str, body: dict | None = None, method: str | None = None):
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(prefect_api_url() + path, data=data, method=method or ("POST" if data else "GET"),
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", **prefect_headers()})
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read() or b"null")
 

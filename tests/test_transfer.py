@@ -33,7 +33,8 @@ def copy_adapter(source, target, **manifest_changes):
     """A copy of an adapter folder, its manifest edited (forged adapters for the gate to catch)."""
     shutil.copytree(source, target)
     manifest = Manifest.from_json((target / MANIFEST_NAME).read_text())
-    (target / MANIFEST_NAME).write_text(Manifest(**{**manifest.__dict__, **manifest_changes}).to_json())
+    # Sealed again, as a forger would: what must catch it is the compatibility check.
+    (target / MANIFEST_NAME).write_text(Manifest(**{**manifest.__dict__, **manifest_changes}).sealed().to_json())
     return target
 
 
@@ -97,6 +98,8 @@ def test_a_saved_weight_that_matches_no_module_is_an_error_not_a_warning(adapter
     (lambda d: (d / WEIGHTS_NAME).unlink(), "adapter_model.safetensors is missing"),
     (lambda d: (d / "adapter_config.json").unlink(), "adapter_config.json is missing"),
     (lambda d: (d / MANIFEST_NAME).write_text("{not json"), "transpeft.json is unreadable"),
+    (lambda d: (d / MANIFEST_NAME).write_text((d / MANIFEST_NAME).read_text().replace(
+        '"fingerprint": "sha256:', '"fingerprint": "sha256:0')), "transpeft.json was edited after the adapter was saved"),
     (lambda d: (d / WEIGHTS_NAME).write_bytes((d / WEIGHTS_NAME).read_bytes()[:40]), "is corrupt"),
     (lambda d: (d / WEIGHTS_NAME).write_bytes(_flip_last_byte((d / WEIGHTS_NAME).read_bytes())),
      "does not match the checksum"),

@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -60,6 +60,17 @@ class Manifest:
     library_versions: dict
     weights_sha256: str = ""
     created_at: str = ""
+    # Over every other field, so a hand-edited manifest (another base's fingerprint, other metrics) is
+    # refused. It shows an edit or damage, not a forger, who can recompute it; the registry keeps the
+    # fingerprint and the weights' checksum each adapter version was registered with.
+    manifest_sha256: str = ""
+
+    def sealed(self) -> Manifest:
+        """This manifest with ``manifest_sha256`` computed over its other fields."""
+        return replace(self, manifest_sha256=self._digest())
+
+    def _digest(self) -> str:
+        return hashlib.sha256(replace(self, manifest_sha256="").to_json().encode()).hexdigest()
 
     def to_json(self) -> str:
         raw = {
@@ -136,8 +147,8 @@ def save_adapter(model: nn.Module, directory: str | Path, manifest: Manifest) ->
     previous = None
     try:
         get_method(manifest.method.name).save(model, staging)
-        stamped = Manifest(**{**manifest.__dict__, "weights_sha256": _sha256(staging / WEIGHTS_NAME),
-                              "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        stamped = replace(manifest, weights_sha256=_sha256(staging / WEIGHTS_NAME),
+                          created_at=datetime.now(timezone.utc).isoformat(timespec="seconds")).sealed()
         (staging / MANIFEST_NAME).write_text(stamped.to_json(), encoding="utf-8")
         _fsync_tree(staging)
         if directory.exists():
@@ -171,6 +182,10 @@ def read_manifest(directory: str | Path) -> Manifest:
         manifest = Manifest.from_json((directory / MANIFEST_NAME).read_text(encoding="utf-8"))
     except (ValueError, TypeError, KeyError) as e:
         raise AdapterFileError(f"adapter {directory}: {MANIFEST_NAME} is unreadable ({e})") from None
+    if manifest.manifest_sha256 and manifest._digest() != manifest.manifest_sha256:  # empty: saved before it existed
+        raise AdapterFileError(f"adapter {directory}: {MANIFEST_NAME} was edited after the adapter was saved (its "
+                               "fields no longer match its manifest_sha256); restore it, or train or copy the "
+                               "adapter again")
     try:
         with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
             if not list(f.keys()):

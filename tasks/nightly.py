@@ -5,12 +5,12 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
 
-from transpeft.bases import BaseRef, lend_base
+from transpeft.bases import BaseLoadError, BaseRef, lend_base
 from transpeft.nightly import Check, check_served, record_nightly, served, unrevalidated
 from transpeft.placement import Placement
-from transpeft.tracking import AdapterRecord, BaseRecord, Registry
+from transpeft.tracking import AdapterRecord, BaseRecord, NotRegistered, Registry
 
 from . import CRASH, IO
 
@@ -18,9 +18,16 @@ from . import CRASH, IO
 @task(**IO)
 def find_unrevalidated(uri: str, family: str | None) -> list[BaseRecord]:
     """Base versions whose revalidation never finished (the reconciler's work list), after finishing any
-    registration a crash left in "registering"."""
+    registration a crash left in "registering" and adopting versions created straight in MLflow (their
+    webhook may never have reached Prefect). One that cannot be adopted is reported and left for later."""
     registry = Registry(uri)
     registry.finish_stuck_registrations(family)
+    for base_family, version in registry.created_in_mlflow(family):
+        try:
+            registry.adopt_base(base_family, version)
+        except (NotRegistered, BaseLoadError) as e:
+            get_run_logger().warning("reconciler: %s/%s created in MLflow cannot be revalidated yet: %s",
+                                     base_family, version, e)
     return unrevalidated(registry, family)
 
 

@@ -223,6 +223,13 @@ class Registry:
         families = [family] if family else [m.name.removeprefix(BASE_PREFIX) for m in self._models(BASE_PREFIX)]
         return [self._finish_registration(mv) for f in families for mv in self._registering(f, min_age_s=min_age_s)]
 
+    def created_in_mlflow(self, family: str | None = None) -> list[tuple[str, str]]:
+        """(family, version) of each base version created straight in MLflow and not adopted yet: if the
+        webhook's announcement was lost, nothing else would ever revalidate it."""
+        families = [family] if family else [m.name.removeprefix(BASE_PREFIX) for m in self._models(BASE_PREFIX)]
+        return [(f, mv.tags.get("base_version", mv.version)) for f in families
+                for mv in self._versions(BASE_PREFIX + f) if "status" not in mv.tags]
+
     def adopt_base(self, family: str, version: str) -> BaseRecord:
         """A base version created straight in MLflow (UI or API) with tags ``base_version`` and
         ``source`` (a directory, or a hub id with ``revision``): fingerprinted, made ready."""

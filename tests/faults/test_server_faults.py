@@ -1,7 +1,9 @@
-"""A server dying under a revalidation: the tracking server killed mid-run and back 10 s later."""
+"""Servers dying under the product: the tracking server killed mid-revalidation and back 10 s later; the
+Prefect server down when MLflow's webhook announces a base, and back within MLflow's retries."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -11,7 +13,9 @@ import pytest
 from faults.recovery import GATE_PASS_ALL, assert_recovered
 
 from flows.transfer_on_base_update import transfer_on_base_update
-from servers import start_mlflow, wait_until
+from servers import start_mlflow, start_prefect, stored_events, wait_until
+from tasks.nightly import find_unrevalidated
+from transpeft.webhook import make_server
 
 pytestmark = pytest.mark.server
 OUTAGE_S = 10
@@ -66,3 +70,51 @@ def test_the_tracking_server_killed_mid_revalidation_and_back_10_s_later(fleet, 
              promise="retried on transient errors; the job completes", adapters=3, killed_after_s=round(killed_at, 1),
              outage_s=OUTAGE_S, finished_after_s=round(took, 1), versions_after=sum(map(len, fleet.on("v2").values())),
              lost=counted["lost"], duplicated=counted["duplicated"])
+
+
+def test_prefect_down_when_the_webhook_forwards_is_caught_up_by_mlflows_retries(fleet, mlflow_server, tmp_path,
+                                                                               caplog, measured):
+    """The receiver answers 502 while Prefect is down, MLflow retries (MLFLOW_WEBHOOK_REQUEST_MAX_RETRIES of
+    mlflow/server.env: about a minute of backoff), and the event lands once when Prefect is back. Had
+    the retries run out, the base would still be on the nightly reconciler's list."""
+    caplog.set_level(logging.INFO, logger="transpeft.webhook")
+    prefect = start_prefect(tmp_path / "prefect")
+    port = int(prefect.url.split(":")[2].split("/")[0])
+    prefect.stop()
+    receiver = make_server("127.0.0.1", 0, "fault-secret", prefect.url)
+    threading.Thread(target=receiver.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    client = fleet.registry.client
+    back = None
+    hook = client.create_webhook(name=f"{fleet.family}-hook", url=receiver.url, events=["model_version.created"],
+                                 secret="fault-secret")
+    try:
+        time.sleep(2.5)  # MLflow caches each event's webhooks for MLFLOW_WEBHOOK_CACHE_TTL (2 s)
+        run = client.create_run(client.create_experiment(f"{fleet.family}-hooked")).info.run_id
+        client.create_registered_model(f"base-{fleet.family}-hooked")
+        client.create_model_version(f"base-{fleet.family}-hooked", source=f"runs:/{run}/base", run_id=run,
+                                    tags={"base_version": "v2", "source": str(fleet.root / "bases" / "v2")})
+        down_at = time.monotonic()
+
+        def refused() -> int:
+            return sum(r.getMessage().startswith("failed 502") for r in caplog.records)
+
+        assert wait_until(refused, timeout=30), caplog.text
+        # Were the retries to run out, the reconciler (the nightly run's first step) has the base.
+        assert [b.version for b in find_unrevalidated.fn(fleet.registry.uri, f"{fleet.family}-hooked")] == ["v2"]
+        back = start_prefect(tmp_path / "prefect", port=port)
+        resource = {"id": [f"transpeft.base.{fleet.family}-hooked.v2"]}
+        stored = wait_until(lambda: stored_events(prefect.url, resource=resource), timeout=90, step=1)
+        landed_after = time.monotonic() - down_at
+        assert len(stored) == 1, caplog.text
+        time.sleep(3)
+        assert len(stored_events(prefect.url, resource=resource)) == 1  # one event, however many attempts
+    finally:
+        client.delete_webhook(hook.webhook_id)
+        receiver.shutdown()
+        receiver.server_close()
+        if back is not None:
+            back.stop()
+    measured(fault="Prefect server down when MLflow's webhook announces a base", promise="the receiver answers "
+             "502, MLflow retries; the event lands once when Prefect is back (else the reconciler has the base)",
+             refused_deliveries=refused(), landed_after_s=round(landed_after, 1), events=len(stored), lost=0,
+             duplicated=len(stored) - 1)

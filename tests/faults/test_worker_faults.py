@@ -1,6 +1,7 @@
-"""The worker and its flow-run process killed (SIGKILL) while a revalidation re-tunes: Prefect marks the
-silent run Crashed (heartbeats plus flows/automations.yaml), which frees the deployment's slot, runs it
-again with its parameters, and the second run finishes the job with no manual step.
+"""Faults that need the worker. Killed (SIGKILL), with its flow-run process, while a revalidation re-tunes:
+Prefect marks the silent run Crashed (heartbeats plus flows/automations.yaml), which frees the
+deployment's slot, runs it again with its parameters, and the second run finishes the job with no manual
+step. And the nightly reconciler revalidating a base while an event's run does too: one revalidation.
 
 Its own Prefect server (a worker on the session's would pick up every run other tests schedule), the
 transfer deployment of prefect.yaml, the automations as `make up` creates them, and a real
@@ -16,7 +17,7 @@ import time
 
 import psutil
 import pytest
-from faults.recovery import GATE_RETUNE_ALL, PROJECT_ROOT, assert_recovered
+from faults.recovery import GATE_PASS_ALL, GATE_RETUNE_ALL, PROJECT_ROOT, assert_recovered
 
 from servers import deploy, prefect_api, start_prefect, wait_until
 from transpeft import stack
@@ -24,12 +25,13 @@ from transpeft.events import TRANSFER_DEPLOYMENT
 
 pytestmark = pytest.mark.server
 WORK_POOL = "transpeft-local"
+NIGHTLY_DEPLOYMENT = "nightly-regression/served-adapters"
 
 
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory):
     server = start_prefect(tmp_path_factory.mktemp("prefect-worker-faults"))
-    deploy(server.url, tmp_path_factory.mktemp("prefect-client"), TRANSFER_DEPLOYMENT)
+    deploy(server.url, tmp_path_factory.mktemp("prefect-client"), TRANSFER_DEPLOYMENT, NIGHTLY_DEPLOYMENT)
     stack.automate(server.url, PROJECT_ROOT / stack.AUTOMATIONS)
     yield server.url
     server.stop()
@@ -110,4 +112,57 @@ def test_worker_and_flow_run_killed_during_retuning_are_recovered_by_prefect_alo
              versions_after=sum(map(len, fleet.on("v2").values())), crashed_after_s=round(crashed_after),
              rerun_after_s=round(rerun_after), finished_after_s=round(finished_after),
              runs=final["run_count"], flagged=counted["flagged"], lost=counted["lost"],
+             duplicated=counted["duplicated"])
+
+
+def transfer_runs(api_url: str, family: str, version: str) -> list[dict]:
+    """The transfer deployment's flow runs for family/version, first started first."""
+    runs = prefect_api(api_url, "/flow_runs/filter", {"flow_runs": {"name": {}}, "deployments": {"name": {
+        "any_": [TRANSFER_DEPLOYMENT.split("/")[1]]}}})
+    ours = [r for r in runs if r["parameters"].get("family") == family and r["parameters"].get("version") == version]
+    return sorted(ours, key=lambda r: r["start_time"] or "~")
+
+
+def test_the_reconciler_beside_an_event_run_of_the_same_base_makes_one_revalidation(fleet, prefect_api, tmp_path,
+                                                                                    measured):
+    """The nightly reconciler goes through the transfer deployment (run_deployment), so its concurrency
+    limit queues a second revalidation of a base behind the first, and the second finds the job done."""
+    from prefect.deployments import run_deployment
+
+    params = fleet.params(GATE_PASS_ALL)
+    fleet.registry.mark_revalidation(fleet.family, "v1", "done", "-")  # the adapters were trained there
+    transfer = {"family": fleet.family, "version": "v2", "data_dir": fleet.data, "params_file": params}
+    with open(tmp_path / "worker.log", "ab") as log:
+        worker = start_worker(prefect_api, log)
+        try:
+            nightly = run_deployment(NIGHTLY_DEPLOYMENT, timeout=0, parameters={
+                "family": fleet.family, "data_dir": fleet.data, "params_file": params})
+            # The reconciler has asked the deployment for v2's revalidation; the event's run comes now.
+            assert wait_until(lambda: transfer_runs(prefect_api, fleet.family, "v2"), timeout=180, step=1), \
+                (tmp_path / "worker.log").read_text()[-3000:]
+            run_deployment(TRANSFER_DEPLOYMENT, timeout=0, parameters=transfer)
+            ended = wait_until(lambda: all(r["state_type"] in ("COMPLETED", "FAILED", "CRASHED")
+                                           for r in [*transfer_runs(prefect_api, fleet.family, "v2"),
+                                                     flow_run(prefect_api, str(nightly.id))]),
+                               timeout=300, step=1)
+            assert ended, (tmp_path / "worker.log").read_text()[-3000:]
+        finally:
+            kill_tree(worker)
+
+    first, second = runs = transfer_runs(prefect_api, fleet.family, "v2")
+    assert [r["state_type"] for r in runs] == ["COMPLETED", "COMPLETED"]
+    assert second["start_time"] >= first["end_time"], "the two revalidations of v2 ran at once"
+    assert flow_run(prefect_api, str(nightly.id))["state_type"] == "COMPLETED"
+    parents = sorted(fleet.registry.runs("transfer", f"tags.base_family = '{fleet.family}' and "
+                                                     "tags.base_version = 'v2'"), key=lambda r: r.info.start_time)
+    assert len(parents) == 2
+    counted = assert_recovered(fleet, "v2", {"run_id": parents[0].info.run_id})
+    assert counted["already_done"] == 0
+    again = {k: int(v) for k, v in parents[1].data.metrics.items() if k.startswith("adapters.")}
+    assert again["adapters.already_done"] == len(fleet.adapters)  # the second found the job done
+    assert fleet.registry.base(fleet.family, "v2").revalidation == "done"
+    measured(fault="the nightly reconciler and an event's run revalidating one base at once",
+             promise="the deployment's concurrency limit queues the second; it finds every adapter done",
+             adapters=len(fleet.adapters), runs=len(runs), revalidations=1,
+             versions_after=sum(map(len, fleet.on("v2").values())), lost=counted["lost"],
              duplicated=counted["duplicated"])

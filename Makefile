@@ -10,7 +10,10 @@ $(VENV)/.installed: pyproject.toml
 	# torch first and pinned: pip takes the local CPU wheel instead of pulling GBs of CUDA packages.
 	# TORCH_INDEX_URL picks another build of it (the Dockerfile's GPU variant).
 	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
-	$(PY) -m pip install -q -e ".[test]"
+	# The rest through uv, which fetches and installs in parallel: the same pinned versions in ~20 s
+	# where pip takes ~3 min. It keeps the torch above (it satisfies the pin).
+	$(PY) -m pip install -q uv==0.13.9
+	$(VENV)/bin/uv pip install -q --python $(PY) -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -30,7 +30,8 @@ class AuthError(ValueError):
 
 
 def from_files(env: MutableMapping[str, str] = os.environ) -> None:
-    """Set each secret that is unset from the file its ``*_FILE`` variable names."""
+    """Set each secret that is unset from the file its ``*_FILE`` variable names, and the MLflow user
+    when only its password is given (MLflow's client sends neither without the other)."""
     for key in (MLFLOW_PASSWORD, PREFECT_AUTH):
         path = env.get(f"{key}_FILE")
         if path and not env.get(key):
@@ -39,6 +40,7 @@ def from_files(env: MutableMapping[str, str] = os.environ) -> None:
             except OSError as e:
                 raise AuthError(f"{key}_FILE={path} cannot be read ({e.strerror}); point it at the file "
                                 f"holding the secret, or set {key} itself") from None
+    env.update(client_env(env))
 
 
 def mlflow_on(env: Mapping[str, str] = os.environ) -> bool:

@@ -22,9 +22,10 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
+
+import urllib3
 
 from ..auth import prefect_headers
 from ..events import prefect_api_url
@@ -59,12 +60,18 @@ def _run(*command: str) -> None:
         raise StoryError(f"`{' '.join(command)}` exited with {done.returncode}; its output is above")
 
 
+# A busy Prefect server answers 503 (its database was locked) and asks to be tried again, as its own
+# client does: a few tries with backoff.
+_HTTP = urllib3.PoolManager(timeout=30, retries=urllib3.Retry(
+    total=5, backoff_factor=0.5, status_forcelist=(429, 502, 503, 504), allowed_methods=None))
+
+
 def _api(path: str, body: dict | None = None, method: str | None = None):
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(prefect_api_url() + path, data=data, method=method or ("POST" if data else "GET"),
-                                     headers={"Content-Type": "application/json", **prefect_headers()})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read() or b"null")
+    response = _HTTP.request(method or ("POST" if body is not None else "GET"), prefect_api_url() + path, json=body,
+                             headers=prefect_headers())
+    if response.status >= 400:
+        raise StoryError(f"the Prefect API answered {response.status} to {path}: {response.data[:300].decode()}")
+    return json.loads(response.data or b"null")
 
 
 def _deployment_id(name: str) -> str:

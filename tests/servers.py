@@ -139,9 +139,10 @@ def prefect_api(api_url: str, path: str, body: dict | None = None):
         return json.loads(response.read() or b"null")
 
 
-def deploy(api_url: str, home: Path, *names: str, project: Path = PROJECT_ROOT) -> None:
+def deploy(api_url: str, home: Path, *names: str, project: Path = PROJECT_ROOT, pool_type: str = "process") -> None:
     """Deploy prefect.yaml's deployments (all of them, or those named) to the server at `api_url`, as
-    `make up` does: create the work pool they use, then `prefect deploy` from the project root."""
+    `make up` does: create the work pool they use (of ``pool_type``), then `prefect deploy` from the
+    project root."""
     env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_HOME": str(home),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            # prefect.yaml's build steps run `python -m transpeft.params`: this virtualenv's python.
@@ -149,13 +150,22 @@ def deploy(api_url: str, home: Path, *names: str, project: Path = PROJECT_ROOT) 
     prefect_bin = Path(sys.executable).with_name("prefect")
     prefect = [str(prefect_bin)] if prefect_bin.exists() else [sys.executable, "-m", "prefect"]
     pool = yaml.safe_load((project / "prefect.yaml").read_text())["definitions"]["work_pool"]["name"]
+    # The pool through the API (a `prefect work-pool create` process costs seconds), with the default
+    # job template the server holds for its type, as that command gives it.
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    workers = prefect_api(api_url, "/collections/views/aggregate-worker-metadata")
+    template = next(w["default_base_job_configuration"] for collection in workers.values()
+                    for w in collection.values() if w["type"] == pool_type)
+    with SyncPrefectClient(api_url) as client:
+        client.create_work_pool(WorkPoolCreate(name=pool, type=pool_type, base_job_template=template),
+                                overwrite=True)
     selection = [arg for name in names for arg in ("--name", name)] or ["--all"]
-    for cmd in (["work-pool", "create", pool, "--type", "process", "--overwrite"],
-                ["--no-prompt", "deploy", *selection]):
-        done = subprocess.run(prefect + cmd, cwd=project, env=env, capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            raise RuntimeError(f"prefect {' '.join(cmd)} exited {done.returncode}:\n"
-                               f"{(done.stdout + done.stderr)[-4000:]}")
+    cmd = ["--no-prompt", "deploy", *selection]
+    done = subprocess.run(prefect + cmd, cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError(f"prefect {' '.join(cmd)} exited {done.returncode}:\n{(done.stdout + done.stderr)[-4000:]}")
 
 
 def start_moto_s3(port: int | None = None, log_dir: Path | None = None, timeout: float = 30) -> Server:

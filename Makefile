@@ -3,17 +3,19 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo demo-and-serve study test faults bench up down status repro clean
+.PHONY: install demo demo-and-serve study test faults bench up up-scale down status repro clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	# torch first and pinned: pip takes the local CPU wheel instead of pulling GBs of CUDA packages.
 	# TORCH_INDEX_URL picks another build of it (the Dockerfile's GPU variant).
 	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
-	# The rest through uv, which fetches and installs in parallel: the same pinned versions in ~20 s
-	# where pip takes ~3 min. It keeps the torch above (it satisfies the pin).
+	# The rest through uv, which fetches and installs in parallel: the same pinned versions in about a
+	# minute where pip takes 3. It keeps the torch above (it satisfies the pin). Compiled to bytecode
+	# as pip does: where PYTHONDONTWRITEBYTECODE is set, nothing else would, and every process would
+	# compile MLflow, Prefect and transformers again on import.
 	$(PY) -m pip install -q uv==0.13.9
-	$(VENV)/bin/uv pip install -q --python $(PY) -e ".[test]"
+	$(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) -e ".[test,scale]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -43,6 +45,10 @@ repro: install
 # The local stack (Prefect server, MLflow, webhook receiver, worker): transpeft/stack.py.
 up: install
 	$(VENV)/bin/transpeft stack up
+
+# The at-scale configuration on this machine: PostgreSQL, an S3-compatible server, a Dask cluster.
+up-scale: install
+	$(VENV)/bin/transpeft stack up --scale
 
 down:
 	$(VENV)/bin/transpeft stack down

@@ -22,17 +22,20 @@ PARAMS = os.environ.get("TRANSPEFT_PARAMS", "params.yaml")
 
 
 def fanout_runner(fanout: Fanout | None = None):
-    """The task runner for per-adapter fan-out, as params.yaml's ``fanout`` says."""
+    """The task runner for per-adapter fan-out, as params.yaml's ``fanout`` says, or the Dask cluster
+    TRANSPEFT_DASK_ADDRESS names."""
     if fanout is None:
         try:
             fanout = load_params(PARAMS).fanout
         except ParamsError:  # imported away from a project (e.g. by `prefect deploy` elsewhere)
             fanout = Fanout()
-    if fanout.task_runner == "dask":
+    # The at-scale stack's worker names its Dask cluster (transpeft/stack.py): every fan-out goes there.
+    address = os.environ.get("TRANSPEFT_DASK_ADDRESS") or fanout.dask_address
+    if fanout.task_runner == "dask" or address:
         from prefect_dask import DaskTaskRunner
 
-        if fanout.dask_address:
-            return DaskTaskRunner(address=fanout.dask_address)
+        if address:
+            return DaskTaskRunner(address=address)
         return DaskTaskRunner(cluster_kwargs={"n_workers": fanout.max_workers, "threads_per_worker": 1,
                                               "processes": True, "dashboard_address": None})
     _share_cores(fanout.max_workers)

@@ -1,6 +1,8 @@
-"""Tests of the embedded MLflow server scripts (mlflow/up, mlflow/down) and of S3 artifacts through moto.
+"""Tests of the embedded MLflow server scripts (mlflow/up, mlflow/down). MLflow on PostgreSQL with its
+artifacts in S3, the settings mlflow/README.md gives, runs under the story (tests/test_story.py, on
+`transpeft stack up --scale`, whose MLflow is the one these scripts start).
 
-    .venv/bin/python -m pytest tests/test_mlflow_server.py -q    # ~40 s, starts real servers on 127.0.0.1
+    .venv/bin/python -m pytest tests/test_mlflow_server.py -q    # ~25 s, starts real servers on 127.0.0.1
 
 Every server runs on a free port with its store in tmp_path, and is stopped even when a test fails.
 """
@@ -14,13 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from servers import free_port, start_moto_s3
+from servers import free_port
 
 pytestmark = pytest.mark.server
 
 MLFLOW_DIR = Path(__file__).resolve().parents[1] / "mlflow"
-S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                  "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 @pytest.fixture(autouse=True)
@@ -88,33 +88,3 @@ def test_state_survives_restart(scripts, tmp_path):
                 ).read_text() == '{"r": 8}'
     assert [h.webhook_id for h in client.list_webhooks()] == [hook.webhook_id]
     assert (scripts.store / "mlflow.db").exists() and (scripts.store / "artifacts").is_dir()
-
-
-def test_artifacts_on_s3(scripts, tmp_path):
-    import boto3
-    from mlflow import MlflowClient
-
-    moto = start_moto_s3(log_dir=tmp_path)
-    try:
-        s3 = boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
-        s3.create_bucket(Bucket="transpeft")  # MLflow does not create buckets
-        scripts("up", MLFLOW_ARTIFACTS_DESTINATION="s3://transpeft/mlflow", MLFLOW_S3_ENDPOINT_URL=moto.url,
-                **S3_CREDENTIALS)
-
-        client = MlflowClient(tracking_uri=scripts.url)
-        run = client.create_run(client.create_experiment("s3"))
-        artifact = tmp_path / "adapter_config.json"
-        artifact.write_text('{"peft_type": "LORA"}')
-        client.log_artifact(run.info.run_id, str(artifact), artifact_path="adapter")
-        # The client talks only to the tracking server, which proxies to S3: no credentials needed here.
-        local = client.download_artifacts(run.info.run_id, "adapter/adapter_config.json", str(tmp_path / "dl"))
-        assert Path(local).read_text() == '{"peft_type": "LORA"}'
-
-        keys = [obj["Key"] for obj in s3.list_objects_v2(Bucket="transpeft", Prefix="mlflow/").get("Contents", [])]
-        assert len(keys) == 1 and keys[0].endswith(f"{run.info.run_id}/artifacts/adapter/adapter_config.json"), keys
-        assert s3.get_object(Bucket="transpeft", Key=keys[0])["Body"].read() == b'{"peft_type": "LORA"}'
-        assert not (scripts.store / "artifacts").exists()  # nothing went to the local default
-    finally:
-        scripts("down")
-        moto.stop()

@@ -1,14 +1,18 @@
-"""`make demo`'s story end to end on the test profile: a copy of the project, its own git + DVC repo,
-the real local stack on free ports with auth on (MLflow's basic-auth app, Prefect's auth string), and
-the report with every arm. About 3 minutes."""
+"""`make demo`'s story end to end on the test profile: a copy of the project, its own git + DVC repo, and
+the report with every arm, on the at-scale stack (`transpeft stack up --scale`) on free ports with auth
+on: PostgreSQL under MLflow and Prefect, MLflow's artifacts and the DVC remote in the S3-compatible
+server, the fan-out on a Dask scheduler and two worker processes, MLflow's basic-auth app and Prefect's
+auth string. About 4 minutes."""
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -38,7 +42,8 @@ def project(tmp_path, monkeypatch):
     params["gate"]["retune_steps"] = 5
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
-    ports = {"PREFECT_PORT": free_port(), "MLFLOW_PORT": free_port(), "TRANSPEFT_WEBHOOK_PORT": free_port()}
+    ports = {name: free_port() for name in ("PREFECT_PORT", "MLFLOW_PORT", "TRANSPEFT_WEBHOOK_PORT",
+                                            "TRANSPEFT_POSTGRES_PORT", "TRANSPEFT_S3_PORT", "TRANSPEFT_DASK_PORT")}
     for key in ("TRANSPEFT_STACK_DIR", "MLFLOW_STORE_DIR", "TRANSPEFT_WEBHOOK_SECRET", "MLFLOW_BACKEND_STORE_URI",
                 "MLFLOW_ARTIFACTS_DESTINATION", "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY", "TRANSPEFT_BIND_HOST",
                 "MLFLOW_HOST", "MLFLOW_TRACKING_PASSWORD_FILE", "PREFECT_API_AUTH_STRING_FILE"):
@@ -47,20 +52,29 @@ def project(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", secrets.token_urlsafe(16))
     monkeypatch.setenv("PREFECT_API_AUTH_STRING", f"admin:{secrets.token_urlsafe(16)}")
+    # At scale. PostgreSQL runs as the postgres user when we are root: its data outside pytest's 0700 folders.
+    postgres = Path(tempfile.mkdtemp(prefix="story-postgres-"))
+    for key, value in {"TRANSPEFT_SCALE": "1", "TRANSPEFT_POSTGRES_DIR": str(postgres), **stack.S3_CREDENTIALS}.items():
+        monkeypatch.setenv(key, value)
     for key, value in {**ports, "PREFECT_API_URL": f"http://127.0.0.1:{ports['PREFECT_PORT']}/api",
                        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports['MLFLOW_PORT']}",
                        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
                        "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1"}.items():
         monkeypatch.setenv(key, str(value))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    local = stack.Stack.find(root)
+    (local.state / "logs").mkdir(parents=True)
+    stack.start_s3(local, say=lambda line: None)  # the data step pushes to it before the story starts the stack
     for command in (["git", "init", "-q"], ["dvc", "init", "-q"],
-                    ["dvc", "remote", "add", "-d", "local", str(tmp_path / "remote")], ["git", "add", "-A"],
+                    ["dvc", "remote", "add", "-d", "s3", f"s3://{stack.BUCKET}/dvc"],
+                    ["dvc", "remote", "modify", "s3", "endpointurl", local.s3_url], ["git", "add", "-A"],
                     ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project"]):
         subprocess.run(command, cwd=root, env=env, check=True, capture_output=True)
     try:
         yield root
     finally:
-        stack.down(stack.Stack.find(root), say=lambda line: None, timeout=10)
+        stack.down(local, say=lambda line: None, timeout=10)
+        shutil.rmtree(postgres, ignore_errors=True)
 
 
 def test_the_story_revalidates_v2_and_v3_by_itself_and_reports_every_arm(project):
@@ -70,6 +84,8 @@ def test_the_story_revalidates_v2_and_v3_by_itself_and_reports_every_arm(project
     for step in ("data", "bases", "stack", "v1", "v2", "v3", "reference", "report"):
         assert f"== {step}: done in" in done.stdout
     assert "the event started flow run" in done.stdout and "Where to look:" in done.stdout
+    local = stack.Stack.find(project)
+    assert all(row["running"] for row in stack.status(local).values()), stack.format_status(stack.status(local))
 
     registry = Registry(os.environ["MLFLOW_TRACKING_URI"])
     fleet = {name: {r.base_version for r in rows} for name, rows in registry.adapters().items()}
@@ -93,3 +109,30 @@ def test_the_story_revalidates_v2_and_v3_by_itself_and_reports_every_arm(project
     for section in ("## Gate decisions", "## Weight drift", "## Attention vs FFN output similarity", "## Compute"):
         assert section in report
     assert (project / "report" / "report.html").read_text().count("<table>") == 7  # + the step timings
+
+    # At scale: the records in PostgreSQL, the files in S3, the per-adapter tasks on the Dask workers.
+    import psycopg2
+
+    counts = {}
+    for database, table in (("mlflow", "model_versions"), ("prefect", "flow_run")):
+        with psycopg2.connect(host="127.0.0.1", port=local.postgres_port, user="transpeft", dbname=database) as db:
+            with db.cursor() as cursor:
+                cursor.execute(f"SELECT count(*) FROM {table}")
+                counts[database] = cursor.fetchone()[0]
+    assert counts["mlflow"] >= 3 + 4 * 3 and counts["prefect"] >= 4, counts  # 3 bases, 4 adapters on each
+    keys = [o["Key"] for page in stack.s3_client(local).get_paginator("list_objects_v2").paginate(Bucket=stack.BUCKET)
+            for o in page.get("Contents", [])]
+    assert any(k.startswith("mlflow/") and k.endswith("adapter_model.safetensors") for k in keys), keys[:20]
+    assert any(k.startswith("dvc/") for k in keys), keys[:20]
+    ran = {worker: local.log_file(worker).read_text() for worker in stack.DASK_WORKERS}
+    assert all(re.search(r"Task run '.*' - Finished in state Completed", log) for log in ran.values()), ran
+
+    # The data come back from the S3 remote into an empty cache.
+    tasks = sorted(p.name for p in (project / "pipeline" / "data").iterdir() if p.is_dir())
+    shutil.rmtree(project / ".dvc" / "cache")
+    shutil.rmtree(project / "pipeline" / "data")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    pulled = subprocess.run(["dvc", "pull", "prepare"], cwd=project, env=env, capture_output=True, text=True)
+    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+    assert sorted(p.name for p in (project / "pipeline" / "data").iterdir() if p.is_dir()) == tasks
+    assert len(tasks) >= 2

@@ -374,6 +374,8 @@ def cmd_stack(args) -> int:
     from . import stack
 
     try:
+        if args.scale:
+            os.environ["TRANSPEFT_SCALE"] = "1"  # read by Stack.find, and kept by the components it starts
         local = stack.Stack.find(args.project)
         if args.stack_command == "status":
             report = stack.status(local)
@@ -539,6 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="up: start what is not running and deploy (idempotent); down: stop all; status: one "
                         "line per component")
     p.add_argument("--project", help="the directory holding prefect.yaml (default: the current one or above)")
+    p.add_argument("--scale", action="store_true",
+                   help="the at-scale configuration on this machine: PostgreSQL under both servers, artifacts in an "
+                        "S3-compatible server, the fan-out on a Dask scheduler and two workers (TRANSPEFT_SCALE=1)")
     _add_json(p)
     p.set_defaults(func=cmd_stack)
     return parser

@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -51,11 +52,24 @@ AUTOMATIONS = "flows/automations.yaml"
 HEARTBEAT_S = 30  # a flow run's heartbeat period; Prefect allows 30 s at the least
 # What each process's command line contains; a pid file whose process does not match is stale (pid reuse).
 MARKERS = {"prefect-server": "server", "mlflow": "mlflow", "webhook-receiver": "webhook_receiver",
-           "worker": "worker"}
+           "worker": "worker", "postgres": "postgres", "s3": "moto", "dask-scheduler": "dask scheduler",
+           "dask-worker-1": "dask worker", "dask-worker-2": "dask worker"}
 PORT_VARIABLES = {"prefect-server": "PREFECT_PORT", "mlflow": "MLFLOW_PORT",
-                  "webhook-receiver": "TRANSPEFT_WEBHOOK_PORT"}
-# Workers before the server they poll (a worker whose server is gone retries for a long time), MLflow last.
-STOP_ORDER = ("worker", "webhook-receiver", "prefect-server", "mlflow")
+                  "webhook-receiver": "TRANSPEFT_WEBHOOK_PORT", "postgres": "TRANSPEFT_POSTGRES_PORT",
+                  "s3": "TRANSPEFT_S3_PORT", "dask-scheduler": "TRANSPEFT_DASK_PORT"}
+LOCAL = ("prefect-server", "mlflow", "webhook-receiver", "worker")
+# At scale (`up --scale`): PostgreSQL under both servers, an S3-compatible server for the artifacts
+# and DVC, and a Dask cluster of its own processes for the per-adapter fan-out.
+SCALE = ("postgres", "s3", "dask-scheduler", "dask-worker-1", "dask-worker-2")
+DASK_WORKERS = ("dask-worker-1", "dask-worker-2")
+BUCKET = "transpeft"
+# The S3-compatible server on loopback (moto) takes any credentials; these name the stack's.
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "transpeft", "AWS_SECRET_ACCESS_KEY": "transpeft-local",
+                  "AWS_DEFAULT_REGION": "us-east-1"}
+# Workers before the server they poll (a worker whose server is gone retries for a long time), then
+# the servers, the stores they write to last.
+STOP_ORDER = ("worker", "webhook-receiver", *DASK_WORKERS, "dask-scheduler", "prefect-server", "mlflow", "s3",
+              "postgres")
 
 
 class StackError(Exception):
@@ -73,6 +87,11 @@ class Stack:
     webhook_port: int
     bin: Path  # the virtualenv's bin: prefect, mlflow, python
     bind: str = HOST  # where the Prefect server listens; clients always use HOST. A container sets 0.0.0.0
+    scale: bool = False  # the at-scale configuration (SCALE)
+    postgres_port: int = 5432
+    s3_port: int = 9000
+    dask_port: int = 8786
+    postgres_dir: Path | None = None  # PostgreSQL's data directory (default: state/postgres)
 
     @classmethod
     def find(cls, start: str | Path | None = None) -> Stack:
@@ -88,7 +107,10 @@ class Stack:
         return cls(project=project, state=state, prefect_home=project / ".prefect", mlflow_store=store,
                    prefect_port=_port(env, "PREFECT_PORT", 4200), mlflow_port=_port(env, "MLFLOW_PORT", 5000),
                    webhook_port=_port(env, "TRANSPEFT_WEBHOOK_PORT", 5055), bin=Path(sys.executable).parent,
-                   bind=env.get("TRANSPEFT_BIND_HOST") or HOST)
+                   bind=env.get("TRANSPEFT_BIND_HOST") or HOST, scale=env.get("TRANSPEFT_SCALE", "") == "1",
+                   postgres_port=_port(env, "TRANSPEFT_POSTGRES_PORT", 5432), s3_port=_port(env, "TRANSPEFT_S3_PORT", 9000),
+                   dask_port=_port(env, "TRANSPEFT_DASK_PORT", 8786),
+                   postgres_dir=Path(env.get("TRANSPEFT_POSTGRES_DIR") or state / "postgres").resolve())
 
     @property
     def prefect_url(self) -> str:
@@ -106,13 +128,31 @@ class Stack:
     def webhook_url(self) -> str:
         return f"http://{HOST}:{self.webhook_port}/"
 
+    @property
+    def s3_url(self) -> str:
+        return f"http://{HOST}:{self.s3_port}"
+
+    @property
+    def dask_address(self) -> str:
+        return f"tcp://{HOST}:{self.dask_port}"
+
+    def database(self, name: str, driver: str) -> str:
+        """The SQLAlchemy URL of database ``name`` on the stack's PostgreSQL (loopback, trust auth)."""
+        return f"postgresql+{driver}://transpeft@{HOST}:{self.postgres_port}/{name}"
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return (*SCALE, *LOCAL) if self.scale else LOCAL
+
     def where(self, name: str) -> str:
         return {"prefect-server": self.prefect_url, "mlflow": self.mlflow_url, "webhook-receiver": self.webhook_url,
-                "worker": f"pool {WORK_POOL}"}[name]
+                "worker": f"pool {WORK_POOL}", "postgres": f"postgresql://{HOST}:{self.postgres_port}",
+                "s3": f"{self.s3_url} (bucket {BUCKET})", "dask-scheduler": self.dask_address,
+                "dask-worker-1": self.dask_address, "dask-worker-2": self.dask_address}[name]
 
     def port(self, name: str) -> int | None:
-        return {"prefect-server": self.prefect_port, "mlflow": self.mlflow_port,
-                "webhook-receiver": self.webhook_port}.get(name)
+        return {"prefect-server": self.prefect_port, "mlflow": self.mlflow_port, "webhook-receiver": self.webhook_port,
+                "postgres": self.postgres_port, "s3": self.s3_port, "dask-scheduler": self.dask_port}.get(name)
 
     def pid_file(self, name: str) -> Path:
         # The server's is Prefect's own, so `prefect server stop` and `start --background` know about it.
@@ -135,6 +175,8 @@ class Stack:
                    PREFECT_HOME=str(self.prefect_home), PREFECT_API_URL=self.prefect_api_url,
                    PREFECT_SERVER_ANALYTICS_ENABLED="false", MLFLOW_TRACKING_URI=self.mlflow_url)
         env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        if self.scale:  # the flows fan out on the stack's Dask cluster (flows/__init__.py)
+            env["TRANSPEFT_DASK_ADDRESS"] = self.dask_address
         env.update(auth.client_env(env), **extra)
         return env
 
@@ -167,7 +209,11 @@ def up(stack: Stack, say: Callable[[str], None] = print) -> None:
     stack.prefect_home.mkdir(parents=True, exist_ok=True)
     locks = [name for name, on in (("MLflow basic-auth", auth.mlflow_on()), ("Prefect auth string", auth.prefect_on()))
              if on]
-    say(f"stack of {stack.project} (state in {stack.state}; auth: {', '.join(locks) or 'off, loopback only'})")
+    say(f"stack of {stack.project} (state in {stack.state}; auth: {', '.join(locks) or 'off, loopback only'}"
+        f"{'; at scale' if stack.scale else ''})")
+    if stack.scale:
+        start_postgres(stack, say)
+        start_s3(stack, say)
     # The Prefect server migrates its database while MLflow starts: start both at once.
     running = _running(stack, "prefect-server", say)
     server = running or start_prefect_server(stack, say)
@@ -184,6 +230,8 @@ def up(stack: Stack, say: Callable[[str], None] = print) -> None:
         raise StackError(f"mlflow webhook: could not register {WEBHOOK_NAME} at {stack.mlflow_url}: {e}. The server "
                          f"needs the webhook settings of mlflow/server.env; log {stack.log_file('mlflow')}") from e
     say(f"mlflow webhook {WEBHOOK_NAME}: {action} -> {stack.webhook_url}")
+    if stack.scale:
+        start_dask(stack, say)
     start_worker(stack, say)  # before the deploy: the worker creates the work pool the deployments name
     deploy(stack, say)
     say(f"automations: {', '.join(automate(stack.prefect_api_url, stack.project / AUTOMATIONS))} ({AUTOMATIONS})")
@@ -206,8 +254,10 @@ def start_prefect_server(stack: Stack, say) -> psutil.Process:
     cmd = [stack.tool("prefect"), "server", "start", "--host", stack.bind, "--port", str(stack.prefect_port),
            "--analytics-off"]
     # The server asks for the string its clients send (PREFECT_API_AUTH_STRING, which the children inherit).
-    locked = {"PREFECT_SERVER_API_AUTH_STRING": os.environ[auth.PREFECT_AUTH]} if auth.prefect_on() else {}
-    process = _spawn(stack, "prefect-server", cmd, stack.env(**locked))
+    settings = {"PREFECT_SERVER_API_AUTH_STRING": os.environ[auth.PREFECT_AUTH]} if auth.prefect_on() else {}
+    if stack.scale:
+        settings["PREFECT_API_DATABASE_CONNECTION_URL"] = stack.database("prefect", "asyncpg")
+    process = _spawn(stack, "prefect-server", cmd, stack.env(**settings))
     say(f"prefect-server: starting at {stack.prefect_url} (log {stack.log_file('prefect-server')})")
     return process
 
@@ -247,8 +297,15 @@ def start_mlflow(stack: Stack, say) -> None:
 
 
 def mlflow_settings(stack: Stack) -> dict[str, str]:
-    """mlflow/server.env's settings, overridden by the environment."""
-    return {**_settings(stack.project / "mlflow" / "server.env"), **stack.env()}
+    """mlflow/server.env's settings, overridden by the environment; at scale, on the stack's PostgreSQL
+    and S3 server."""
+    scale = {}
+    if stack.scale:
+        scale = {"MLFLOW_BACKEND_STORE_URI": stack.database("mlflow", "psycopg2"),
+                 "MLFLOW_AUTH_DATABASE_URI": stack.database("mlflow_auth", "psycopg2"),
+                 "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{BUCKET}/mlflow", "MLFLOW_S3_ENDPOINT_URL": stack.s3_url,
+                 **S3_CREDENTIALS}
+    return {**_settings(stack.project / "mlflow" / "server.env"), **stack.env(), **scale}
 
 
 def _basic_auth(stack: Stack, settings: Mapping[str, str]) -> dict[str, str]:
@@ -337,6 +394,129 @@ def start_worker(stack: Stack, say) -> None:
     _wait(stack, name, process, 60, ready=lambda: worker_online(stack, since=started),
           hint=f"check that the Prefect server answers at {stack.prefect_api_url}/health")
     say(f"{name}: up (pid {process.pid}), polling work pool {WORK_POOL}")
+
+
+# -- at scale -----------------------------------------------------------------------------------
+
+
+def start_postgres(stack: Stack, say) -> None:
+    """PostgreSQL from the system's packages on 127.0.0.1, its data in ``stack.postgres_dir`` (made with
+    initdb on first start), with the databases the servers use. It refuses to run as root, so as root
+    it runs as the ``postgres`` user, who must be able to reach that directory."""
+    name = "postgres"
+    if _running(stack, name, say):
+        return
+    data, user = stack.postgres_dir, _postgres_user()
+    if not (data / "PG_VERSION").exists():
+        data.mkdir(parents=True, exist_ok=True)
+        if user:
+            shutil.chown(data, user, user)
+        _run_logged(stack, name, [_postgres_tool("initdb"), "-D", str(data), "-U", "transpeft", "--auth", "trust",
+                                  "-E", "UTF8"], f"postgres: initdb of {data} failed"
+                    + (f" (it runs as {user}: can that user reach {data}? set TRANSPEFT_POSTGRES_DIR)" if user else ""),
+                    user=user)
+    cmd = [_postgres_tool("postgres"), "-D", str(data), "-p", str(stack.postgres_port), "-k", str(data),
+           "-c", f"listen_addresses={HOST}"]
+    process = _spawn(stack, name, cmd, stack.env(), cwd=data, user=user)
+    _wait(stack, name, process, 60, ready=lambda: _databases(stack) is not None)
+    say(f"{name}: up at {stack.where(name)} (pid {process.pid}, data {data}), databases "
+        f"{', '.join(_databases(stack))}")
+
+
+def _databases(stack: Stack) -> list[str] | None:
+    """Create the servers' databases where missing; their names, or None while PostgreSQL does not answer."""
+    import psycopg2
+
+    try:
+        connection = psycopg2.connect(host=HOST, port=stack.postgres_port, user="transpeft", dbname="postgres",
+                                      connect_timeout=2)
+    except psycopg2.OperationalError:
+        return None
+    connection.autocommit = True  # CREATE DATABASE runs outside a transaction (so no `with connection`)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT datname FROM pg_database")
+            present = {row[0] for row in cursor.fetchall()}
+            wanted = ["mlflow", "mlflow_auth", "prefect"]
+            for database in wanted:
+                if database not in present:
+                    cursor.execute(f"CREATE DATABASE {database}")
+    finally:
+        connection.close()
+    return wanted
+
+
+def _postgres_user() -> str | None:
+    return "postgres" if os.geteuid() == 0 else None
+
+
+def _postgres_tool(name: str) -> str:
+    """A PostgreSQL program: on PATH, else in Debian's /usr/lib/postgresql/<version>/bin, newest first."""
+    found = shutil.which(name) or next(iter(sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"),
+                                                   key=lambda p: int(p.parts[-3]), reverse=True)), None)
+    if found is None:
+        raise StackError(f"postgres: {name} not found; install PostgreSQL (Debian: apt-get install postgresql)")
+    return str(found)
+
+
+def start_s3(stack: Stack, say) -> None:
+    """The S3-compatible server (moto) on 127.0.0.1 with the stack's bucket. It keeps objects in memory:
+    the at-scale stack on one machine tries the configuration; real artifacts go to S3 or MinIO."""
+    name = "s3"
+    if not _running(stack, name, say):
+        cmd = [stack.tool("moto_server"), "-H", HOST, "-p", str(stack.s3_port)]
+        process = _spawn(stack, name, cmd, stack.env())
+        _wait(stack, name, process, 30, ready=lambda: health_problem(stack.s3_url + "/", timeout=2) is None)
+        say(f"{name}: up at {stack.s3_url} (pid {process.pid}; objects in memory)")
+    client = s3_client(stack)
+    if BUCKET not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+        client.create_bucket(Bucket=BUCKET)
+        say(f"{name}: bucket {BUCKET} created")
+
+
+def s3_client(stack: Stack):
+    """boto3's client for the stack's S3-compatible server."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=stack.s3_url, aws_access_key_id=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+                        region_name=S3_CREDENTIALS["AWS_DEFAULT_REGION"])
+
+
+def start_dask(stack: Stack, say) -> None:
+    """A Dask scheduler and two single-threaded worker processes; the flows fan their per-adapter tasks
+    out there (TRANSPEFT_DASK_ADDRESS), each worker process keeping the base it loaded for the next task."""
+    # The task graphs name tasks/ and flows/ of the project, as the worker's flow runs import them: the
+    # scheduler unpickles them too. Torch's threads are shared between the worker processes.
+    threads = str(max(1, (os.cpu_count() or 1) // len(DASK_WORKERS)))
+    env = stack.env(PYTHONPATH=os.pathsep.join(filter(None, [str(stack.project), os.environ.get("PYTHONPATH")])),
+                    OMP_NUM_THREADS=threads)
+    name = "dask-scheduler"
+    if not _running(stack, name, say):
+        cmd = [stack.tool("dask"), "scheduler", "--host", HOST, "--port", str(stack.dask_port), "--no-dashboard"]
+        process = _spawn(stack, name, cmd, env)
+        _wait(stack, name, process, 60, ready=lambda: _listening(stack.dask_port))
+        say(f"{name}: up at {stack.dask_address} (pid {process.pid})")
+    for worker in DASK_WORKERS:
+        if _running(stack, worker, say):
+            continue
+        cmd = [stack.tool("dask"), "worker", stack.dask_address, "--name", f"transpeft-{worker}", "--nworkers", "1",
+               "--nthreads", "1", "--no-dashboard"]
+        process = _spawn(stack, worker, cmd, env)
+        _wait(stack, worker, process, 60, ready=lambda w=worker: f"transpeft-{w}" in _dask_workers(stack),
+              hint=f"see the scheduler's log, {stack.log_file(name)}")
+        say(f"{worker}: up (pid {process.pid}), serving {stack.dask_address}")
+
+
+def _dask_workers(stack: Stack) -> set[str]:
+    """The names of the workers the stack's Dask scheduler knows."""
+    from distributed import Client
+
+    try:
+        with Client(stack.dask_address, timeout=5) as client:
+            return {w["name"] for w in client.scheduler_info()["workers"].values()}
+    except OSError:
+        return set()
 
 
 def deploy(stack: Stack, say) -> None:
@@ -444,6 +624,12 @@ def answers(stack: Stack, name: str) -> bool:
     """Whether the component answers: its /health, or for the worker, ONLINE on the server."""
     if name == "worker":
         return worker_online(stack)
+    if name == "postgres":
+        return _databases(stack) is not None
+    if name.startswith("dask-"):
+        return _listening(stack.dask_port) and (name == "dask-scheduler" or f"transpeft-{name}" in _dask_workers(stack))
+    if name == "s3":
+        return health_problem(stack.s3_url + "/", timeout=2) is None
     health = {"prefect-server": stack.prefect_api_url + "/health", "mlflow": stack.mlflow_url + "/health",
               "webhook-receiver": stack.webhook_url + "health"}[name]
     return health_problem(health, timeout=2) is None
@@ -452,7 +638,7 @@ def answers(stack: Stack, name: str) -> bool:
 def status(stack: Stack) -> dict[str, dict]:
     """Each component: running (pid, where it answers) or stopped."""
     report = {}
-    for name in ("prefect-server", "mlflow", "webhook-receiver", "worker"):
+    for name in stack.components:
         process = _process(stack, name)
         row = {"running": process is not None, "pid": process.pid if process else None,
                "url": stack.where(name), "log": str(stack.log_file(name))}
@@ -476,7 +662,8 @@ def format_status(report: dict[str, dict]) -> str:
 # -- processes ----------------------------------------------------------------------------------
 
 
-def _spawn(stack: Stack, name: str, cmd: list[str], env: dict, cwd: Path | None = None) -> psutil.Process:
+def _spawn(stack: Stack, name: str, cmd: list[str], env: dict, cwd: Path | None = None,
+           user: str | None = None) -> psutil.Process:
     """Start `cmd` in its own session (it outlives this command and a Ctrl-C), logging to its log file."""
     port = stack.port(name)
     if port and _listening(port):
@@ -487,13 +674,14 @@ def _spawn(stack: Stack, name: str, cmd: list[str], env: dict, cwd: Path | None 
     with open(log, "ab") as out:
         out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
         out.flush()
-        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=env, cwd=cwd or stack.project, start_new_session=True)
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                   cwd=cwd or stack.project, start_new_session=True, user=user, group=user,
+                                   extra_groups=[] if user else None)
     stack.pid_file(name).write_text(f"{process.pid}\n")
     return psutil.Process(process.pid)
 
 
-def _run_logged(stack: Stack, log_name: str, cmd: list[str], failure: str) -> None:
+def _run_logged(stack: Stack, log_name: str, cmd: list[str], failure: str, user: str | None = None) -> None:
     """Run a short command to completion, its output appended to .stack/logs/<log_name>.log."""
     log = stack.log_file(log_name)
     with open(log, "ab") as out:
@@ -501,7 +689,8 @@ def _run_logged(stack: Stack, log_name: str, cmd: list[str], failure: str) -> No
         out.flush()
         # COLUMNS: rich wraps Prefect's tables at 80 columns in a file otherwise.
         result = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=stack.env(COLUMNS="160"), cwd=stack.project)
+                                env=stack.env(COLUMNS="160"), cwd="/" if user else stack.project, user=user,
+                                group=user, extra_groups=[] if user else None)
     if result.returncode != 0:
         raise StackError(f"{failure} (exit {result.returncode}); fix it and run `transpeft stack up` again "
                          f"(what runs is left running). Last lines of {log}:\n{_tail(log)}")

@@ -32,8 +32,17 @@ demo-and-serve: demo
 study: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro study
 
+# The fault suite runs beside the rest, its output printed after it: most of its time is spent waiting
+# (a minute of silence before Prefect marks a killed run Crashed, a server's outage, MLflow's retry
+# backoff) while the rest computes, so the two together take little more than the rest alone.
+FAULTS_LOG := $(or $(TMPDIR),/tmp)/transpeft-faults-$(shell echo $$PPID).log
 test: install
-	$(PY) -m pytest
+	@$(PY) -m pytest tests/faults --basetemp="$(FAULTS_LOG).tmp" > "$(FAULTS_LOG)" 2>&1 & faults=$$!; \
+	$(PY) -m pytest --ignore=tests/faults; rest=$$?; \
+	wait $$faults; fault_status=$$?; \
+	echo; echo "== the fault-injection suite (tests/faults), run beside the rest:"; cat "$(FAULTS_LOG)"; \
+	rm -rf "$(FAULTS_LOG)" "$(FAULTS_LOG).tmp"; \
+	exit $$(( rest || fault_status ))
 
 # The fault-injection suite alone (part of `make test`), writing what it measured for the README's table.
 faults: install

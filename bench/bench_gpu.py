@@ -99,6 +99,11 @@ def training_flops_per_token(model, seq: int) -> float:
     return 4 * linear + 12 * config.num_hidden_layers * seq * config.hidden_size
 
 
+def _sig(x: float) -> float:
+    """Three significant figures: a tiny model on a CPU is well under 0.001 of a matmul peak, not 0."""
+    return float(f"{x:.3g}")
+
+
 def bench_training(base_dir: Path, seq: int, batch: int, steps: int, peaks: dict) -> dict:
     model, tokenizer, _ = load_base(BaseRef(str(base_dir)))
     device = model.device
@@ -110,9 +115,9 @@ def bench_training(base_dir: Path, seq: int, batch: int, steps: int, peaks: dict
     result = train_loop(model, tokenizer, rows, TrainConfig(steps=steps, batch_size=batch), progress=False)
     achieved = result.tokens_per_second * flops / 1e12
     return {"placement": placed(model), "seq": seq, "batch": batch, "steps": steps,
-            "tokens_per_s": round(result.tokens_per_second), "model_tflops_per_s": round(achieved, 2),
-            "mfu_vs_spec_peak": round(achieved / peaks["spec_tflops"], 3) if peaks["spec_tflops"] else None,
-            "mfu_vs_measured_matmul": round(achieved / peaks["measured_matmul_tflops"], 3),
+            "tokens_per_s": round(result.tokens_per_second), "model_tflops_per_s": _sig(achieved),
+            "mfu_vs_spec_peak": _sig(achieved / peaks["spec_tflops"]) if peaks["spec_tflops"] else None,
+            "mfu_vs_measured_matmul": _sig(achieved / peaks["measured_matmul_tflops"]),
             "flops_per_token": flops, "peak_memory_gib": peak_memory_gib(device)}
 
 

@@ -56,11 +56,14 @@ def client_env(env: Mapping[str, str] = os.environ) -> dict[str, str]:
     return {MLFLOW_USER: DEFAULT_USER} if mlflow_on(env) and not env.get(MLFLOW_USER) else {}
 
 
+def basic_auth(credentials: str) -> dict[str, str]:
+    """The HTTP basic Authorization header for "user:password"."""
+    return {"Authorization": "Basic " + base64.b64encode(credentials.encode()).decode()}
+
+
 def prefect_headers(env: Mapping[str, str] = os.environ) -> dict[str, str]:
     """The Authorization header Prefect's server asks for, as its own client sends it; none when auth is off."""
-    if not prefect_on(env):
-        return {}
-    return {"Authorization": "Basic " + base64.b64encode(env[PREFECT_AUTH].encode()).decode()}
+    return basic_auth(env[PREFECT_AUTH]) if prefect_on(env) else {}
 
 
 def check(binds: Mapping[str, str], env: Mapping[str, str] = os.environ) -> None:

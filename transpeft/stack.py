@@ -63,6 +63,7 @@ LOCAL = ("prefect-server", "mlflow", "webhook-receiver", "worker")
 SCALE = ("postgres", "s3", "dask-scheduler", "dask-worker-1", "dask-worker-2")
 DASK_WORKERS = ("dask-worker-1", "dask-worker-2")
 BUCKET = "transpeft"
+DATABASES = ("mlflow", "mlflow_auth", "prefect")  # on the at-scale stack's PostgreSQL
 # The S3-compatible server on loopback (moto) takes any credentials; these name the stack's.
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "transpeft", "AWS_SECRET_ACCESS_KEY": "transpeft-local",
                   "AWS_DEFAULT_REGION": "us-east-1"}
@@ -330,9 +331,8 @@ def _signs_in(stack: Stack, settings: Mapping[str, str]) -> bool:
     import urllib.error
     import urllib.request
 
-    token = base64.b64encode(f"{settings[auth.MLFLOW_USER]}:{settings[auth.MLFLOW_PASSWORD]}".encode()).decode()
     request = urllib.request.Request(f"{stack.mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1",
-                                     headers={"Authorization": f"Basic {token}"})
+                                     headers=auth.basic_auth(f"{settings[auth.MLFLOW_USER]}:{settings[auth.MLFLOW_PASSWORD]}"))
     try:
         with urllib.request.urlopen(request, timeout=10):
             return True
@@ -418,32 +418,35 @@ def start_postgres(stack: Stack, say) -> None:
     cmd = [_postgres_tool("postgres"), "-D", str(data), "-p", str(stack.postgres_port), "-k", str(data),
            "-c", f"listen_addresses={HOST}"]
     process = _spawn(stack, name, cmd, stack.env(), cwd=data, user=user)
-    _wait(stack, name, process, 60, ready=lambda: _databases(stack) is not None)
-    say(f"{name}: up at {stack.where(name)} (pid {process.pid}, data {data}), databases "
-        f"{', '.join(_databases(stack))}")
+    _wait(stack, name, process, 60, ready=lambda: _databases(stack))
+    say(f"{name}: up at {stack.where(name)} (pid {process.pid}, data {data}), databases {', '.join(DATABASES)}")
 
 
-def _databases(stack: Stack) -> list[str] | None:
-    """Create the servers' databases where missing; their names, or None while PostgreSQL does not answer."""
+def _databases(stack: Stack) -> bool:
+    """Create the servers' databases (DATABASES) where missing; False while PostgreSQL does not answer."""
     import psycopg2
 
     try:
         connection = psycopg2.connect(host=HOST, port=stack.postgres_port, user="transpeft", dbname="postgres",
                                       connect_timeout=2)
     except psycopg2.OperationalError:
-        return None
+        return False
     connection.autocommit = True  # CREATE DATABASE runs outside a transaction (so no `with connection`)
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT datname FROM pg_database")
             present = {row[0] for row in cursor.fetchall()}
-            wanted = ["mlflow", "mlflow_auth", "prefect"]
-            for database in wanted:
+            for database in DATABASES:
                 if database not in present:
                     cursor.execute(f"CREATE DATABASE {database}")
     finally:
         connection.close()
-    return wanted
+    return True
+
+
+def _run_as(user: str | None) -> dict:
+    """subprocess's arguments that run a child as ``user`` (and its group alone); none for ourselves."""
+    return {"user": user, "group": user, "extra_groups": []} if user else {}
 
 
 def _postgres_user() -> str | None:
@@ -625,7 +628,7 @@ def answers(stack: Stack, name: str) -> bool:
     if name == "worker":
         return worker_online(stack)
     if name == "postgres":
-        return _databases(stack) is not None
+        return _databases(stack)
     if name.startswith("dask-"):
         return _listening(stack.dask_port) and (name == "dask-scheduler" or f"transpeft-{name}" in _dask_workers(stack))
     if name == "s3":
@@ -675,8 +678,7 @@ def _spawn(stack: Stack, name: str, cmd: list[str], env: dict, cwd: Path | None 
         out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
         out.flush()
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                   cwd=cwd or stack.project, start_new_session=True, user=user, group=user,
-                                   extra_groups=[] if user else None)
+                                   cwd=cwd or stack.project, start_new_session=True, **_run_as(user))
     stack.pid_file(name).write_text(f"{process.pid}\n")
     return psutil.Process(process.pid)
 
@@ -689,8 +691,7 @@ def _run_logged(stack: Stack, log_name: str, cmd: list[str], failure: str, user:
         out.flush()
         # COLUMNS: rich wraps Prefect's tables at 80 columns in a file otherwise.
         result = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=stack.env(COLUMNS="160"), cwd="/" if user else stack.project, user=user,
-                                group=user, extra_groups=[] if user else None)
+                                env=stack.env(COLUMNS="160"), cwd="/" if user else stack.project, **_run_as(user))
     if result.returncode != 0:
         raise StackError(f"{failure} (exit {result.returncode}); fix it and run `transpeft stack up` again "
                          f"(what runs is left running). Last lines of {log}:\n{_tail(log)}")

@@ -220,13 +220,13 @@ class Registry:
     def finish_stuck_registrations(self, family: str | None = None, min_age_s: float = 600) -> list[BaseRecord]:
         """Base registrations left in "registering" for ``min_age_s`` or more (their process died between
         creating the version and making it ready), finished: the reconciler then revalidates them."""
-        families = [family] if family else [m.name.removeprefix(BASE_PREFIX) for m in self._models(BASE_PREFIX)]
+        families = self._families(family)
         return [self._finish_registration(mv) for f in families for mv in self._registering(f, min_age_s=min_age_s)]
 
     def created_in_mlflow(self, family: str | None = None) -> list[tuple[str, str]]:
         """(family, version) of each base version created straight in MLflow and not adopted yet: if the
         webhook's announcement was lost, nothing else would ever revalidate it."""
-        families = [family] if family else [m.name.removeprefix(BASE_PREFIX) for m in self._models(BASE_PREFIX)]
+        families = self._families(family)
         return [(f, mv.tags.get("base_version", mv.version)) for f in families
                 for mv in self._versions(BASE_PREFIX + f) if "status" not in mv.tags]
 
@@ -264,7 +264,7 @@ class Registry:
 
     def bases(self, family: str | None = None) -> list[BaseRecord]:
         """Registered base versions, each family's in registration order (oldest first)."""
-        families = [family] if family else [m.name.removeprefix(BASE_PREFIX) for m in self._models(BASE_PREFIX)]
+        families = self._families(family)
         return [r for f in families
                 for r in sorted(self._base_versions(f).values(), key=lambda r: int(r.model_version))]
 
@@ -378,6 +378,10 @@ class Registry:
 
     def _models(self, prefix: str):
         return every_page(self.client.search_registered_models, filter_string=f"name LIKE '{prefix}%'")
+
+    def _families(self, family: str | None) -> list[str]:
+        """``family``, or every base family in the registry."""
+        return [family] if family else [m.name.removeprefix(BASE_PREFIX) for m in self._models(BASE_PREFIX)]
 
     def _versions(self, model: str):
         return every_page(self.client.search_model_versions, filter_string=f"name = '{model}'")

@@ -6,7 +6,7 @@ from prefect import task
 
 from transpeft.bases import BaseRef, describe_base
 from transpeft.events import announcement, emit
-from transpeft.tracking import BaseRecord, Registry
+from transpeft.tracking import BaseRecord, shared_registry
 
 from . import IO
 
@@ -16,7 +16,7 @@ def register(uri: str, ref: BaseRef, parent: str | None) -> BaseRecord:
     """Fingerprint the base (its files; the weights are not loaded) and register it; the same base again
     is a no-op."""
     _, _, info = describe_base(ref)
-    return Registry(uri).register_base(info, parent=parent)
+    return shared_registry(uri).register_base(info, parent=parent)
 
 
 @task(**IO)

@@ -10,7 +10,7 @@ from prefect import get_run_logger, task
 from transpeft.bases import BaseLoadError, BaseRef, lend_base
 from transpeft.nightly import Check, check_served, record_nightly, served, unrevalidated
 from transpeft.placement import Placement
-from transpeft.tracking import AdapterRecord, BaseRecord, NotRegistered, Registry
+from transpeft.tracking import AdapterRecord, BaseRecord, NotRegistered, shared_registry
 
 from . import CRASH, IO
 
@@ -20,7 +20,7 @@ def find_unrevalidated(uri: str, family: str | None) -> list[BaseRecord]:
     """Base versions whose revalidation never finished (the reconciler's work list), after finishing any
     registration a crash left in "registering" and adopting versions created straight in MLflow (their
     webhook may never have reached Prefect). One that cannot be adopted is reported and left for later."""
-    registry = Registry(uri)
+    registry = shared_registry(uri)
     registry.finish_stuck_registrations(family)
     for base_family, version in registry.created_in_mlflow(family):
         try:
@@ -34,7 +34,7 @@ def find_unrevalidated(uri: str, family: str | None) -> list[BaseRecord]:
 @task(**IO)
 def find_served(uri: str, family: str | None) -> list[tuple[BaseRecord, list[AdapterRecord]]]:
     """Each base version with the adapter versions served on it."""
-    registry = Registry(uri)
+    registry = shared_registry(uri)
     bases = {(b.family, b.version): b for b in registry.bases(family)}
     return [(bases[key], records) for key, records in sorted(served(registry, family).items()) if key in bases]
 
@@ -43,7 +43,7 @@ def find_served(uri: str, family: str | None) -> list[tuple[BaseRecord, list[Ada
 def score_served(uri: str, base: BaseRecord, records: list[AdapterRecord], data_dir: str, tolerance: float,
                  placement: Placement = Placement()) -> list[Check]:
     """Every adapter served on ``base`` re-evaluated (base loaded once, on ``placement``) against its baseline."""
-    registry = Registry(uri)
+    registry = shared_registry(uri)
     with tempfile.TemporaryDirectory(prefix="nightly-") as tmp, \
             lend_base(BaseRef(base.source, base.revision, base.family, base.version), placement=placement) as slot:
         adapters = {r.name: (r, registry.download_adapter(r, Path(tmp) / r.name)) for r in records}
@@ -53,4 +53,4 @@ def score_served(uri: str, base: BaseRecord, records: list[AdapterRecord], data_
 @task(**IO)
 def record_results(uri: str, checks: list[Check], tolerance: float) -> str:
     """The nightly run in MLflow."""
-    return record_nightly(Registry(uri), checks, tolerance)
+    return record_nightly(shared_registry(uri), checks, tolerance)

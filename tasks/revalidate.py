@@ -12,7 +12,7 @@ from transpeft.params import Gate
 from transpeft.placement import Placement
 from transpeft.revalidate import (Candidate, Outcome, Plan, Summary, close_revalidation, open_revalidation, plan,
                                   record_outcome, revalidate)
-from transpeft.tracking import BaseRecord, Registry
+from transpeft.tracking import BaseRecord, shared_registry
 
 from . import CRASH, IO
 
@@ -20,19 +20,19 @@ from . import CRASH, IO
 @task(**IO)
 def plan_revalidation(uri: str, family: str, version: str) -> Plan:
     """The adapters to carry over to family/version, each from the latest earlier base it serves on."""
-    return plan(Registry(uri), family, version)
+    return plan(shared_registry(uri), family, version)
 
 
 @task(**IO)
 def open_run(uri: str, revalidation: Plan) -> str:
     """The MLflow parent run of this revalidation."""
-    return open_revalidation(Registry(uri), revalidation.target, revalidation)
+    return open_revalidation(shared_registry(uri), revalidation.target, revalidation)
 
 
 @task(**IO, task_run_name="fetch {candidate.name}")
 def fetch_adapter(uri: str, candidate: Candidate, workdir: str) -> str:
     """The adapter's registered files, downloaded from MLflow."""
-    return str(Registry(uri).download_adapter(candidate.record, Path(workdir) / candidate.name))
+    return str(shared_registry(uri).download_adapter(candidate.record, Path(workdir) / candidate.name))
 
 
 @task(**CRASH, task_run_name="judge {candidate.name}")
@@ -58,10 +58,10 @@ def judge_adapter(adapter_dir: str, candidate: Candidate, target: BaseRecord, da
 @task(**IO, task_run_name="record {outcome.adapter}")
 def record(uri: str, parent_run: str, target: BaseRecord, outcome: Outcome) -> Outcome:
     """The adapter's child run and its registry version on the new base."""
-    return record_outcome(Registry(uri), parent_run, target, outcome)
+    return record_outcome(shared_registry(uri), parent_run, target, outcome)
 
 
 @task(**IO)
 def close_run(uri: str, parent_run: str, revalidation: Plan, outcomes: list[Outcome], crashed: list[str]) -> Summary:
     """Counts, the transfer report and the gate decisions on the parent run; the base marked revalidated."""
-    return close_revalidation(Registry(uri), parent_run, revalidation.target, revalidation, outcomes, crashed)
+    return close_revalidation(shared_registry(uri), parent_run, revalidation.target, revalidation, outcomes, crashed)

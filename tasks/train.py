@@ -11,7 +11,7 @@ from prefect import task
 from transpeft.bases import lend_base
 from transpeft.data import load_task
 from transpeft.params import load_params
-from transpeft.tracking import AdapterRecord, Registry
+from transpeft.tracking import AdapterRecord, shared_registry
 from transpeft.train import train_adapter
 from transpeft.transfer import unload_adapter
 from transpeft.versioning import dvc_hash
@@ -42,7 +42,7 @@ def finetune_adapter(uri: str, task_name: str, run: str, data_dir: str, params_f
     """Train adapter ``<task>-<run>`` on its run's base and register it there; skipped when it already is."""
     params = load_params(params_file)
     spec, name = params.train.runs[run], f"{task_name}-{run}"
-    registry = Registry(uri)
+    registry = shared_registry(uri)
     base = registry.base(params.bases.family, spec.base)
     existing = [r for r in registry.adapter_versions(name) if r.base_version == spec.base and r.status == "trained"]
     if existing:

@@ -279,9 +279,10 @@ def record_outcome(registry: Registry, parent_run: str, target: BaseRecord, outc
         ("old_exact_match", outcome.old), ("exact_match", outcome.new), ("zero_shot", outcome.zero_shot),
         ("retuned_exact_match", outcome.retuned or {})) for task, value in values.items()}
     metrics |= {f"seconds.{step}": s for step, s in outcome.seconds.items()}
-    if not (existed and registry.run(child).data.metrics):  # metrics are history: logged once
-        registry.log(child, metrics=metrics)
-    registry.log(child, tags={"reasons": "; ".join(outcome.reasons)[:5000]})
+    tags = {"reasons": "; ".join(outcome.reasons)[:5000]}
+    if existed and registry.run(child).data.metrics:  # metrics are history: logged once
+        metrics = {}
+    registry.log(child, metrics=metrics, tags=tags)
     if outcome.decision == "failed":
         registry.finish_run(child, ok=False)
         return outcome

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -114,19 +115,25 @@ class Registry:
         self.uri = tracking_uri(uri)
         check_reachable(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        # What never changes once it exists, kept for the next call: experiment ids by name, and the
+        # fingerprint of each ready base version (a version's weights are never replaced).
+        self._experiments: dict[str, str] = {}
+        self._fingerprints: dict[tuple[str, str], str] = {}
 
     # -- runs -------------------------------------------------------------------------------------
 
     def _experiment(self, name: str) -> str:
-        found = self.client.get_experiment_by_name(name)
-        if found:
-            return found.experiment_id
-        try:
-            return self.client.create_experiment(name)
-        except MlflowException as e:  # a concurrent task created it first
-            if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-            return self.client.get_experiment_by_name(name).experiment_id
+        if name not in self._experiments:
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                try:
+                    found = self.client.get_experiment(self.client.create_experiment(name))
+                except MlflowException as e:  # a concurrent task created it first
+                    if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                        raise
+                    found = self.client.get_experiment_by_name(name)
+            self._experiments[name] = found.experiment_id
+        return self._experiments[name]
 
     def start_run(self, step: str, name: str, tags: dict | None = None, parent_run_id: str | None = None) -> str:
         tags = {k: str(v) for k, v in (tags or {}).items()}
@@ -313,18 +320,23 @@ class Registry:
         ``manifest``: the folder's, when the caller has read it already."""
         if status not in ADAPTER_STATUSES:
             raise ValueError(f"adapter status must be one of {ADAPTER_STATUSES}, got {status!r}")
-        registered = self.base(base.family, base.version)
-        if registered.fingerprint != base.fingerprint:
+        key = (base.family, base.version)
+        if key not in self._fingerprints:
+            self._fingerprints[key] = self.base(base.family, base.version).fingerprint
+        if self._fingerprints[key] != base.fingerprint:
             raise RegistryConflict(f"base {base.family}/{base.version} differs from the registered one "
-                                   f"(fingerprint {base.fingerprint} vs {registered.fingerprint})")
+                                   f"(fingerprint {base.fingerprint} vs {self._fingerprints[key]})")
         manifest = manifest or read_manifest(adapter_dir)
         model = ADAPTER_PREFIX + name
-        for record in self.adapter_versions(name):
+        versions = self.adapter_versions(name)
+        for record in versions:
             if (record.base_version, record.weights_sha256, record.status) == (base.version, manifest.weights_sha256,
                                                                                status):
                 # Registering the same thing twice changes nothing, but finishes what a killed first try left.
                 return self.serve(record) if serve and not record.serving else record
-        self._ensure_model(model, {"kind": "adapter"}, f"Adapter {name}: one version per base version it is valid on.")
+        if not versions:  # a new adapter (or one whose only version was deleted)
+            self._ensure_model(model, {"kind": "adapter"},
+                               f"Adapter {name}: one version per base version it is valid on.")
         # The UI lists tags in this order: what a reviewer compares across versions comes first.
         tags = {"base_version": base.version, "status": status,
                 **{f"exact_match.{t}": round(m["exact_match"], 4) for t, m in metrics.items()},
@@ -337,7 +349,7 @@ class Registry:
                 "serve": str(serve).lower(), **(tags or {})}
         version = self._create_version(model, run_id, "adapter", tags,
                                        f"{name} on {base.family}/{base.version}: {status}")
-        record = next(r for r in self.adapter_versions(name) if r.model_version == version.version)
+        record = _adapter_record(name, version, {})  # a new version: no alias points at it yet
         return self.serve(record) if serve else record
 
     def serve(self, record: AdapterRecord) -> AdapterRecord:
@@ -396,6 +408,20 @@ class Registry:
     def _create_version(self, model: str, run_id: str, artifact_path: str, tags: dict, description: str):
         return self.client.create_model_version(model, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id,
                                                 tags={k: str(v) for k, v in tags.items()}, description=description)
+
+
+_shared: dict[str, Registry] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_registry(uri: str) -> Registry:
+    """One Registry per tracking server in this process, for tasks that each talk to the server a few
+    times: its client, experiment ids and base fingerprints are kept between them, and the server is
+    checked reachable once (a server that goes away later fails the next request, which is retried)."""
+    with _shared_lock:
+        if uri not in _shared:
+            _shared[uri] = Registry(uri)
+        return _shared[uri]
 
 
 def every_page(search, **query) -> list:

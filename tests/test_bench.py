@@ -55,3 +55,10 @@ def test_gpu_benchmark_runs_its_quick_shape_here(tmp_path):
     assert shape["training"]["tokens_per_s"] > 0 and shape["training"]["mfu_vs_measured_matmul"] > 0
     assert shape["hot_swap"]["identical_scores"] and shape["exact_match"]["same_verdicts"]
     assert "step_s_p_c_0.2" in shape["dropping"]
+
+
+def test_batched_evaluation_benchmark_scores_alike_every_way(tmp_path):
+    result = quick("bench_batched_eval.py", tmp_path / "batched_eval.json")
+    for base in result["bases"].values():
+        assert set(base["seconds_min_of_repeats"]) == {"one at a time", "merged", "shared batches"}
+        assert base["adapters_whose_exact_match_differs"]["shared batches"] == 0

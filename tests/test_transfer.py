@@ -160,3 +160,32 @@ def test_a_shape_mismatch_found_while_loading_is_incompatible(adapter, tmp_path)
     (forged / "adapter_config.json").write_text(json.dumps({**config, "r": config["r"] * 2}))  # weights keep r
     with pytest.raises(IncompatibleBase, match="size mismatch"):
         load_adapter(tiny_model("llama"), info, forged)
+
+
+def test_lora_adapters_in_shared_batches_score_as_one_at_a_time_and_a_bad_one_is_refused_alone(adapter, tmp_path):
+    from transpeft.adapters import read_manifest
+    from transpeft.transfer import score_adapter, score_adapters, unload_adapter
+
+    tok, model = char_tokenizer(), tiny_model("llama")
+    info, task = base_info(model, tok), copy_task(32, 16)
+    jobs = {}
+    for i, (targets, steps) in enumerate(((("q_proj", "v_proj"), 10), (("q_proj", "v_proj"), 30), (("o_proj",), 20))):
+        trained, manifest, _ = train_adapter(model, tok, info, [task], MethodConfig(r=4, target_modules=targets),
+                                             TrainConfig(steps=steps, batch_size=8, seed=i), tmp_path / f"a{i}",
+                                             progress=False)
+        model = unload_adapter(trained, "lora")
+        jobs[f"a{i}"] = (tmp_path / f"a{i}", manifest, [task])
+    alone = {key: score_adapter(model, tok, info, folder, tasks, manifest)[task.name]
+             for key, (folder, manifest, tasks) in jobs.items()}
+    bad = copy_adapter(adapter[0], tmp_path / "bad", targets={"model.layers.0.self_attn.nope": [32, 32]})
+    jobs = {"a0": jobs["a0"], "bad": (bad, read_manifest(bad), [task]), **jobs}
+
+    shared = score_adapters(model, tok, info, jobs, share_batches=True)
+
+    assert isinstance(shared["bad"], IncompatibleBase) and "nope" in str(shared["bad"])
+    for key, metrics in alone.items():  # each row went through its own adapter, and only through it
+        got = shared[key][task.name]
+        assert (got.exact_match, got.token_accuracy, got.n) == (metrics.exact_match, metrics.token_accuracy, metrics.n)
+        assert got.answer_loss == pytest.approx(metrics.answer_loss, rel=1e-4)
+    assert len({round(m.answer_loss, 4) for m in alone.values()}) == 3  # three different adapters
+    assert not any("lora" in name for name, _ in model.named_modules())  # the base is bare again

@@ -37,48 +37,74 @@ def _in_order(examples, tokenizer, batch_size):
         yield idx, collate([encoded[i] for i in idx], pad)
 
 
+@dataclass(frozen=True)
+class _Row:
+    exact: bool
+    right: int  # answer tokens right
+    total: int  # answer tokens
+    loss: float  # summed cross-entropy over them
+
+
 @torch.no_grad()
 def exact_match_flags(model, tokenizer, examples: list[Example], batch_size: int = 32) -> list[bool]:
     """Per-example teacher-forced exact match, in the order given."""
-    return _score(model, tokenizer, examples, batch_size)[0]
+    return [row.exact for row in _score(model, tokenizer, examples, batch_size)]
 
 
 @torch.no_grad()
-def _score(model, tokenizer, examples, batch_size):
+def _score(model, tokenizer, examples, batch_size, adapter_names=None) -> list[_Row]:
+    """Each example's scores, in the order given; ``adapter_names``: the adapter each one runs through."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    exact = [False] * len(examples)
-    right = total = 0
-    loss_sum = 0.0
+    rows: list[_Row | None] = [None] * len(examples)
     try:
         for idx, batch in _in_order(examples, tokenizer, batch_size):
             batch = batch.to(device)
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
+            routed = {"adapter_names": [adapter_names[i] for i in idx]} if adapter_names else {}
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           **routed).logits[:, :-1].float()
             targets = batch.labels[:, 1:]
             scored = targets != IGNORE
             hit = logits.argmax(-1) == targets
-            for row, ok in zip(idx, (hit | ~scored).all(dim=1).tolist()):
-                exact[row] = ok
-            right += (hit & scored).sum().item()
-            total += scored.sum().item()
-            loss_sum += F.cross_entropy(logits[scored], targets[scored], reduction="sum").item()
+            loss = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none") * scored
+            for row, ok, right, total, lost in zip(idx, (hit | ~scored).all(dim=1).tolist(),
+                                                   (hit & scored).sum(dim=1).tolist(), scored.sum(dim=1).tolist(),
+                                                   loss.sum(dim=1).tolist()):
+                rows[row] = _Row(ok, right, total, lost)
     finally:
         model.train(was_training)
-    return exact, right, total, loss_sum
+    return rows
+
+
+def _metrics(rows: list[_Row]) -> Metrics:
+    total = sum(r.total for r in rows)
+    return Metrics(exact_match=sum(r.exact for r in rows) / len(rows), token_accuracy=sum(r.right for r in rows) / total,
+                   answer_loss=sum(r.loss for r in rows) / total, n=len(rows))
 
 
 def evaluate(model, tokenizer, examples: list[Example], batch_size: int = 32) -> Metrics:
     """Exact match, token accuracy and answer loss of ``model`` on ``examples``."""
     if not examples:
         raise ValueError("cannot evaluate on an empty set of examples")
-    exact, right, total, loss_sum = _score(model, tokenizer, examples, batch_size)
-    return Metrics(
-        exact_match=sum(exact) / len(exact),
-        token_accuracy=right / total,
-        answer_loss=loss_sum / total,
-        n=len(exact),
-    )
+    return _metrics(_score(model, tokenizer, examples, batch_size))
+
+
+def evaluate_routed(model, tokenizer, sets: dict, batch_size: int = 32) -> dict:
+    """Several adapters of one PEFT model in shared batches: ``sets`` maps a key to (examples, adapter
+    name); each row runs through its own adapter (peft's mixed-adapter batches). Metrics per key."""
+    keys = [key for key, (examples, _) in sets.items() if examples]
+    if len(keys) < len(sets):
+        raise ValueError(f"cannot evaluate on an empty set of examples: {[k for k in sets if k not in keys]}")
+    examples = [ex for key in keys for ex in sets[key][0]]
+    names = [sets[key][1] for key in keys for _ in sets[key][0]]
+    rows = _score(model, tokenizer, examples, batch_size, names)
+    out, start = {}, 0
+    for key in keys:
+        n = len(sets[key][0])
+        out[key] = _metrics(rows[start:start + n])
+        start += n
+    return out
 
 
 @torch.no_grad()

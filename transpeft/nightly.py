@@ -12,11 +12,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .adapters import AdapterFileError
+from .adapters import AdapterFileError, read_manifest
 from .data import load_tasks
 from .placement import placed
 from .tracking import FINISHED, AdapterRecord, BaseRecord, Registry
-from .transfer import IncompatibleBase, refusal, score_adapter
+from .transfer import refusal, score_adapters
 
 
 @dataclass(frozen=True)
@@ -72,22 +72,31 @@ def regressions(baseline: dict[str, float], current: dict[str, float], tolerance
 def check_served(slot, base: BaseRecord, adapters: dict[str, tuple[AdapterRecord, Path]], data_dir: str | Path,
                  tolerance: float) -> list[Check]:
     """Every adapter served on ``base`` (record and files, by name) scored on the base lent in
-    ``slot``, each against its baseline; one that cannot be loaded any more is a regression."""
+    ``slot`` (``score_adapters``), each against its baseline; one that cannot be loaded any more is a
+    regression."""
     changed = slot.info.fingerprint != base.fingerprint
     tasks = {t.name: t for t in load_tasks(data_dir, sorted({t for r, _ in adapters.values() for t in r.metrics}))}
-    checks = []
+    started = time.perf_counter()
+    jobs, scored = {}, {}
     for name, (record, files) in sorted(adapters.items()):
-        started = time.perf_counter()
         try:
-            scores = score_adapter(slot.model, slot.tokenizer, slot.info, files, [tasks[t] for t in record.metrics])
+            jobs[name] = (files, read_manifest(files), [tasks[t] for t in record.metrics])
+        except AdapterFileError as e:
+            scored[name] = e
+    scored |= score_adapters(slot.model, slot.tokenizer, slot.info, jobs)
+    each = round((time.perf_counter() - started) / max(len(adapters), 1), 2)
+    checks = []
+    for name, (record, _) in sorted(adapters.items()):
+        scores = scored[name]
+        if isinstance(scores, Exception):
+            current, lines = {}, [f"cannot be evaluated: {refusal(scores)}"]
+        else:
             current = {t: m.exact_match for t, m in scores.items()}
             lines = regressions(record.metrics, current, tolerance)
-        except (AdapterFileError, IncompatibleBase) as e:
-            current, lines = {}, [f"cannot be evaluated: {refusal(e)}"]
         if changed:
             lines.insert(0, f"base {base.version} changed since registration (fingerprint {slot.info.fingerprint})")
         checks.append(Check(name, base.family, base.version, record.model_version, record.metrics, current, lines,
-                            placed(slot.model), {"evaluate": round(time.perf_counter() - started, 2)}))
+                            placed(slot.model), {"evaluate": each}))
     return checks
 
 

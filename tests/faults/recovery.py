@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import yaml
 
 from transpeft.revalidate import DECISIONS, REGISTRY_STATUS
@@ -90,3 +91,12 @@ def assert_recovered(fleet: Fleet, version: str, summary: dict, served: set[str]
         d != "failed" for d in decided.values())
     assert counted["failed"] == len(failed)
     return {**counted, "lost": lost, "duplicated": duplicated}
+
+
+def kill_tree(process: psutil.Process) -> int:
+    """SIGKILL a process and every process under it, as a lost machine would; how many died."""
+    family = [process, *process.children(recursive=True)]
+    for member in family:
+        member.kill()
+    psutil.wait_procs(family, 10)
+    return len(family)

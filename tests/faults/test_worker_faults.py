@@ -17,7 +17,7 @@ import time
 
 import psutil
 import pytest
-from faults.recovery import GATE_PASS_ALL, GATE_RETUNE_ALL, PROJECT_ROOT, assert_recovered
+from faults.recovery import GATE_PASS_ALL, GATE_RETUNE_ALL, PROJECT_ROOT, assert_recovered, kill_tree
 
 from servers import deploy, prefect_api, start_prefect, wait_until
 from transpeft import stack
@@ -45,15 +45,6 @@ def start_worker(api_url: str, log) -> psutil.Process:
            "--type", "process", "--install-policy", "never"]
     return psutil.Process(subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                            stdin=subprocess.DEVNULL, start_new_session=True).pid)
-
-
-def kill_tree(process: psutil.Process) -> int:
-    """SIGKILL a process and every process under it, as a lost machine would; how many died."""
-    family = [process, *process.children(recursive=True)]
-    for member in family:
-        member.kill()
-    psutil.wait_procs(family, 10)
-    return len(family)
 
 
 def flow_run(api_url: str, run_id: str) -> dict:

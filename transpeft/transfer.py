@@ -161,7 +161,7 @@ def score_adapters(model: nn.Module, tokenizer, base: BaseInfo, jobs: dict, batc
     IncompatibleBase that refused the adapter; the base is bare again afterwards.
 
     One at a time is the default because it measured faster: 16 LoRA adapters, 32 rows each, on 2 CPU
-    cores took 0.97x / 0.71x / 0.96x the time in shared batches on bases 32 / 128 / 512 wide
+    cores scored 0.71x / 0.86x / 0.99x as fast in shared batches on bases 32 / 128 / 512 wide
     (bench/bench_batched_eval.py): routing splits every LoRA layer into one small product per adapter
     in the batch, and a CPU gains little from the larger base batches. Where a device is starved by
     small per-adapter sets (a GPU), measure with that bench before turning it on."""

@@ -132,7 +132,7 @@ def main() -> None:
         dict(seq=1024, batch=8, steps=20, drop_steps=20, adapters=20, eval_rows=32, matmul=8192)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name, spec = spec_peak(device)
-    peaks = {"device": name, "spec_tflops": spec, "measured_matmul_tflops": round(matmul_peak(device, sizes["matmul"]), 1)}
+    peaks = {"device": name, "spec_tflops": spec, "measured_matmul_tflops": _sig(matmul_peak(device, sizes["matmul"]))}
     print(f"{name}: bf16 peak {spec} TFLOP/s by spec, {peaks['measured_matmul_tflops']} measured", flush=True)
     tokenizer = demo_tokenizer()
     results = {"peaks": peaks, "torch": torch.__version__, "shapes": {}}

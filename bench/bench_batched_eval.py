@@ -6,7 +6,7 @@
 The revalidation scores each adapter on its own tasks. Three ways to do that for a fleet of LoRA
 adapters on one base, side by side in one run, on the same adapters and rows:
 
-    one at a time   load the adapter onto the base, score its rows, unload (transfer.score_adapter)
+    one at a time   load the adapter onto the base, score its rows, unload (transfer.score_adapters' default)
     merged          the same, with the adapter merged into the base weights while it is scored
     shared batches  the adapters loaded onto one PEFT model under names of their own; each batch holds
                     rows of several, each row routed through its own (transfer.score_adapters, peft's
@@ -56,23 +56,22 @@ def make_adapters(base_dir: Path, tasks, n: int, work: Path) -> dict:
     return jobs
 
 
-def one_at_a_time(model, tokenizer, info, jobs, batch_size: int, merge: bool) -> dict:
+def merged(model, tokenizer, info, jobs, batch_size: int) -> dict:
+    """Each adapter loaded, merged into the base weights while it is scored, unmerged and unloaded."""
     scores = {}
     for key, (folder, manifest, tasks) in jobs.items():
         adapted = load_adapter(model, info, folder, manifest)
-        if merge:
-            adapted.merge_adapter()
+        adapted.merge_adapter()
         scores[key] = {t.name: evaluate(adapted, tokenizer, list(t.eval), batch_size) for t in tasks}
-        if merge:
-            adapted.unmerge_adapter()
+        adapted.unmerge_adapter()
         model = unload_adapter(adapted, "lora")
     return scores
 
 
 def compare(base_dir: Path, jobs: dict, batch_size: int, repeats: int) -> dict:
     model, tokenizer, info = load_base(BaseRef(str(base_dir)))
-    ways = {"one at a time": lambda: one_at_a_time(model, tokenizer, info, jobs, batch_size, merge=False),
-            "merged": lambda: one_at_a_time(model, tokenizer, info, jobs, batch_size, merge=True),
+    ways = {"one at a time": lambda: score_adapters(model, tokenizer, info, jobs, batch_size),
+            "merged": lambda: merged(model, tokenizer, info, jobs, batch_size),
             "shared batches": lambda: score_adapters(model, tokenizer, info, jobs, batch_size, share_batches=True)}
     seconds, scores = {name: [] for name in ways}, {}
     for _ in range(repeats):  # interleaved, so the machine's noise falls on all three alike

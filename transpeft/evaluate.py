@@ -67,10 +67,11 @@ def _score(model, tokenizer, examples, batch_size, adapter_names=None) -> list[_
             targets = batch.labels[:, 1:]
             scored = targets != IGNORE
             hit = logits.argmax(-1) == targets
-            loss = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none") * scored
+            per_token = F.cross_entropy(logits[scored], targets[scored], reduction="none")  # answer tokens only
+            loss = torch.zeros(len(idx), device=device).index_add_(0, scored.nonzero()[:, 0], per_token)
             for row, ok, right, total, lost in zip(idx, (hit | ~scored).all(dim=1).tolist(),
                                                    (hit & scored).sum(dim=1).tolist(), scored.sum(dim=1).tolist(),
-                                                   loss.sum(dim=1).tolist()):
+                                                   loss.tolist()):
                 rows[row] = _Row(ok, right, total, lost)
     finally:
         model.train(was_training)

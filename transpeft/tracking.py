@@ -124,16 +124,19 @@ class Registry:
 
     def _experiment(self, name: str) -> str:
         if name not in self._experiments:
-            found = self.client.get_experiment_by_name(name)
-            if found is None:
-                try:
-                    found = self.client.get_experiment(self.client.create_experiment(name))
-                except MlflowException as e:  # a concurrent task created it first
-                    if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                        raise
-                    found = self.client.get_experiment_by_name(name)
-            self._experiments[name] = found.experiment_id
+            self._experiments[name] = self._find_or_create_experiment(name)
         return self._experiments[name]
+
+    def _find_or_create_experiment(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except MlflowException as e:  # a concurrent task created it first
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return self.client.get_experiment_by_name(name).experiment_id
 
     def start_run(self, step: str, name: str, tags: dict | None = None, parent_run_id: str | None = None) -> str:
         tags = {k: str(v) for k, v in (tags or {}).items()}

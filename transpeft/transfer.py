@@ -96,25 +96,41 @@ def is_mismatch(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and "size mismatch" in str(error)
 
 
-def load_adapter(model: nn.Module, base: BaseInfo, directory: str | Path, manifest: Manifest | None = None) -> nn.Module:
+def load_adapter(model: nn.Module, base: BaseInfo, directory: str | Path, manifest: Manifest | None = None,
+                 adapter_name: str | None = None) -> nn.Module:
     """``model`` (the base) carrying the adapter in ``directory``, in eval mode; see module docstring.
-    ``manifest``: the folder's, when the caller has already read (and checksummed) it."""
+    ``manifest``: the folder's, when the caller has already read (and checksummed) it. ``adapter_name``:
+    ``model`` is a PEFT model already holding adapters, and this one joins them under that name (with
+    the LoRA adapters it was loaded with: shared batches); one refused leaves the others as they were."""
     directory = Path(directory)
-    manifest = manifest or read_manifest(directory)
-    problems = compatibility(manifest, model, base)
+    manifest = manifest or read_manifest(directory)  # checks the safetensors file, which peft loads first
+    problems = compatibility(manifest, model.get_base_model() if adapter_name else model, base)
     if problems:
         raise IncompatibleBase(directory, base, problems)
     method = get_method(manifest.method.name)
+
+    def take_out(adapted):
+        if adapter_name is None:
+            return method.detach(adapted)
+        if adapter_name in adapted.peft_config:
+            adapted.delete_adapter(adapter_name)
+
     try:
-        adapted = method.load(model, directory)
+        if adapter_name is None:
+            adapted = method.load(model, directory)
+        else:  # peft's own loader, the one from_pretrained uses, for a further adapter
+            model.load_adapter(str(directory), adapter_name=adapter_name)
+            adapted = model
     except Exception as e:
+        if adapter_name is not None:
+            take_out(model)
         if is_mismatch(e):
             raise IncompatibleBase(directory, base, [f"loading failed: {e}"]) from e
         raise
     try:
-        _check_every_weight_landed(adapted, directory, manifest.method.name)
+        _check_every_weight_landed(adapted, directory, manifest.method.name, adapter_name)
     except ValueError as e:
-        method.detach(adapted)
+        take_out(adapted)
         raise IncompatibleBase(directory, base, [str(e)]) from None
     adapted.eval()
     return adapted
@@ -186,34 +202,17 @@ def _score_routed(model: nn.Module, tokenizer, base: BaseInfo, jobs: dict, batch
     results, names, adapted = {}, {}, None
     try:
         for i, (key, (folder, manifest, _)) in enumerate(jobs.items()):
-            folder, name = Path(folder), f"adapter-{i}"
-            if adapted is None:  # the first one through the full contract; it makes the PEFT model
-                try:
-                    adapted = load_adapter(model, base, folder, manifest)
-                except IncompatibleBase as e:
-                    results[key] = e
-                    continue
-                names[key] = adapted.active_adapter
-                continue
-            problems = compatibility(manifest, model, base)
             try:
-                if problems:
-                    raise IncompatibleBase(folder, base, problems)
-                adapted.load_adapter(str(folder), adapter_name=name)
-                _check_every_weight_landed(adapted, folder, manifest.method.name, adapter_name=name)
-            except Exception as e:
-                if name in adapted.peft_config:
-                    adapted.delete_adapter(name)
-                if isinstance(e, IncompatibleBase):
-                    results[key] = e
-                elif is_mismatch(e):
-                    results[key] = IncompatibleBase(folder, base, [f"loading failed: {e}"])
+                if adapted is None:  # the first one makes the PEFT model
+                    adapted = load_adapter(model, base, folder, manifest)
+                    names[key] = adapted.active_adapter
                 else:
-                    raise
-                continue
-            names[key] = name
+                    names[key] = f"adapter-{i}"
+                    load_adapter(adapted, base, folder, manifest, adapter_name=names[key])
+            except IncompatibleBase as e:
+                results[key] = e
+                names.pop(key, None)
         if adapted is not None:
-            adapted.eval()
             sets = {(key, task.name): (list(task.eval), names[key]) for key in names for task in jobs[key][2]}
             scores = evaluate_routed(adapted, tokenizer, sets, batch_size)
             for key in names:

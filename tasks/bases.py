@@ -6,9 +6,9 @@ from prefect import task
 
 from transpeft.bases import BaseRef, describe_base
 from transpeft.events import announcement, emit
-from transpeft.tracking import BaseRecord, shared_registry
+from transpeft.tracking import BaseRecord
 
-from . import IO
+from . import IO, shared_registry
 
 
 @task(**IO)

@@ -10,9 +10,9 @@ from prefect import get_run_logger, task
 from transpeft.bases import BaseLoadError, BaseRef, lend_base
 from transpeft.nightly import Check, check_served, record_nightly, served, unrevalidated
 from transpeft.placement import Placement
-from transpeft.tracking import AdapterRecord, BaseRecord, NotRegistered, shared_registry
+from transpeft.tracking import AdapterRecord, BaseRecord, NotRegistered
 
-from . import CRASH, IO
+from . import CRASH, IO, shared_registry
 
 
 @task(**IO)

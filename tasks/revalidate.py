@@ -12,9 +12,9 @@ from transpeft.params import Gate
 from transpeft.placement import Placement
 from transpeft.revalidate import (Candidate, Outcome, Plan, Summary, close_revalidation, open_revalidation, plan,
                                   record_outcome, revalidate)
-from transpeft.tracking import BaseRecord, shared_registry
+from transpeft.tracking import BaseRecord
 
-from . import CRASH, IO
+from . import CRASH, IO, shared_registry
 
 
 @task(**IO)

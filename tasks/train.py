@@ -11,12 +11,12 @@ from prefect import task
 from transpeft.bases import lend_base
 from transpeft.data import load_task
 from transpeft.params import load_params
-from transpeft.tracking import AdapterRecord, shared_registry
+from transpeft.tracking import AdapterRecord
 from transpeft.train import train_adapter
 from transpeft.transfer import unload_adapter
 from transpeft.versioning import dvc_hash
 
-from . import IO
+from . import IO, shared_registry
 
 
 @dataclass(frozen=True)

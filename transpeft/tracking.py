@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -411,31 +410,6 @@ class Registry:
     def _create_version(self, model: str, run_id: str, artifact_path: str, tags: dict, description: str):
         return self.client.create_model_version(model, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id,
                                                 tags={k: str(v) for k, v in tags.items()}, description=description)
-
-
-_shared: dict[tuple[str, str], Registry] = {}
-_shared_lock = threading.Lock()
-SHARED_KEPT = 8  # flow runs whose Registry a long-lived process (a Dask worker) keeps
-
-
-def shared_registry(uri: str) -> Registry:
-    """One Registry per tracking server and flow run in this process, for the tasks of a flow run that
-    each talk to the server a few times: its client, experiment ids and base fingerprints are kept
-    between them, and the server is checked reachable once (a server that goes away later fails the
-    next request, which is retried). Outside a flow run, a Registry of its own: what it keeps must not
-    outlive the server it was read from (a store reset behind the same address)."""
-    from prefect.runtime import flow_run
-
-    run = flow_run.get_id()
-    if run is None:
-        return Registry(uri)
-    with _shared_lock:
-        key = (uri, run)
-        if key not in _shared:
-            _shared[key] = Registry(uri)
-            for stale in list(_shared)[:-SHARED_KEPT]:
-                del _shared[stale]
-        return _shared[key]
 
 
 def every_page(search, **query) -> list:

@@ -143,7 +143,9 @@ def test_the_reconciler_beside_an_event_run_of_the_same_base_makes_one_revalidat
     first, second = runs = transfer_runs(prefect_api, fleet.family, "v2")
     assert [r["state_type"] for r in runs] == ["COMPLETED", "COMPLETED"]
     assert second["start_time"] >= first["end_time"], "the two revalidations of v2 ran at once"
-    assert flow_run(prefect_api, str(nightly.id))["state_type"] == "COMPLETED"
+    reconciler = flow_run(prefect_api, str(nightly.id))
+    assert reconciler["state_type"] == "COMPLETED", (reconciler["state"].get("message"),
+                                                     (tmp_path / "worker.log").read_text()[-6000:])
     parents = sorted(fleet.registry.runs("transfer", f"tags.base_family = '{fleet.family}' and "
                                                      "tags.base_version = 'v2'"), key=lambda r: r.info.start_time)
     assert len(parents) == 2

@@ -118,7 +118,8 @@ def load_adapter(model: nn.Module, base: BaseInfo, directory: str | Path, manife
     try:
         if adapter_name is None:
             adapted = method.load(model, directory)
-        else:  # peft's own loader, the one from_pretrained uses, for a further adapter
+        else:  # PeftModel.load_adapter, which from_pretrained itself calls (not transformers' DoRA-unsafe one);
+            # it reads adapter_model.safetensors, which read_manifest required and checked above
             model.load_adapter(str(directory), adapter_name=adapter_name)
             adapted = model
     except Exception as e:

@@ -90,13 +90,19 @@ def test_transfer_registers_passing_adapters_once(project, mlflow_server):
     summary = transfer_on_base_update("demo", "v2", str(project / "data"), params)
     assert (summary["passed"], summary["retuned"], summary["flagged"], summary["failed"]) == (4, 0, 0, 0)
     assert summary["state"] == "done"
-    for rows in registry.adapters().values():
-        on_v2 = [r for r in rows if r.base_version == "v2"]
-        assert len(on_v2) == 1 and on_v2[0].status == "transferred" and on_v2[0].serving
-        assert on_v2[0].transferred_from == "v1"
-    assert registry.base("demo", "v2").revalidation == "done"
     children = registry.client.search_runs([registry._experiment("transfer")], "tags.base_version = 'v2'")
-    assert {r.data.tags.get("placement") for r in children if "adapter" in r.data.tags} == {"cpu bfloat16"}
+    by_adapter = {r.data.tags["adapter"]: r for r in children if "adapter" in r.data.tags}
+    for name, rows in registry.adapters().items():
+        (on_v1,) = [r for r in rows if r.base_version == "v1"]
+        (on_v2,) = [r for r in rows if r.base_version == "v2"]
+        assert on_v2.status == "transferred" and on_v2.serving and on_v2.transferred_from == "v1"
+        # Carried over unchanged: the v2 version names the trained files, and no copy of them is stored.
+        assert (on_v2.run_id, on_v2.source) == (on_v1.run_id, on_v1.source)
+        assert on_v2.source.startswith("mlflow-artifacts:/") and on_v2.source.endswith("/adapter")
+        assert registry.adapter_tags(on_v2)["revalidation_run"] == by_adapter[name].info.run_id
+        assert registry.client.list_artifacts(by_adapter[name].info.run_id) == []
+    assert registry.base("demo", "v2").revalidation == "done"
+    assert {r.data.tags.get("placement") for r in by_adapter.values()} == {"cpu bfloat16"}
 
     again = transfer_on_base_update("demo", "v2", str(project / "data"), params)
     assert again["already_done"] == 4 and again["passed"] == 0
@@ -106,7 +112,8 @@ def test_transfer_registers_passing_adapters_once(project, mlflow_server):
 def test_failing_gate_flags_and_a_broken_adapter_fails_alone(project, mlflow_server):
     registry = Registry(mlflow_server.url)
     register(registry, project, "v3", "v2")
-    # Corrupt one adapter's stored files (its v2 version): the weights no longer match the manifest.
+    # Corrupt one adapter's stored files (its v2 version's, which are its v1 version's: it was carried over
+    # unchanged): the weights no longer match the manifest.
     broken = registry.adapter_versions("sort-plain-v1")[-1]
     bad = project / "corrupt" / "adapter_model.safetensors"
     bad.parent.mkdir()
@@ -152,12 +159,12 @@ def test_nightly_reconciles_and_reports_regressions(project, mlflow_server):
     params = write_params(project, mlflow_server.url, GATE_PASS_ALL, "pass.yaml")
     # v1 was registered without a revalidation run: the reconciler runs it (nothing to carry over).
     assert [b.version for b in registry.bases("demo") if b.revalidation not in FINISHED] == ["v1"]
-    # sort-plain-v1's v2 files were broken above: served there, it can no longer be evaluated.
+    # sort-plain-v1's files were broken above: served on v1 and v2 from them, it can no longer be evaluated.
     with pytest.raises(Regressions, match="sort-plain-v1 on demo/v2: cannot be evaluated"):
         nightly_regression(family="demo", data_dir=str(project / "data"), params_file=params)
     assert all(b.revalidation in FINISHED for b in registry.bases("demo"))
     (run,) = registry.client.search_runs([registry._experiment("nightly")])
-    assert run.info.status == "FAILED" and run.data.metrics["regressions"] == 1
+    assert run.info.status == "FAILED" and run.data.metrics["regressions"] == 2
     assert run.data.metrics["adapters"] == 4 + 4 + 3  # served on v1, v2 and v4
     assert run.data.tags["placement"] == "cpu bfloat16"
 
@@ -257,10 +264,11 @@ def test_transfer_track_and_the_flow_write_the_same_record(project, mlflow_serve
 
     def record(name: str) -> tuple:
         (version,) = [r for r in registry.adapter_versions(name) if r.base_version == "v2"]
-        child = registry.run(version.run_id)
+        tags = registry.adapter_tags(version)
+        child = registry.run(tags.pop("revalidation_run"))  # the files' run holds no verdict: this one does
         artifacts = sorted(a.path for a in registry.client.list_artifacts(version.run_id, "adapter"))
         return (version.status, version.serving, version.transferred_from, version.metrics,
-                registry.adapter_tags(version), child.info.status, artifacts,
+                tags, child.info.status, artifacts,
                 {k: v for k, v in child.data.tags.items() if k != "adapter" and not k.startswith("mlflow.")},
                 {k: v for k, v in child.data.metrics.items() if not k.startswith("seconds.")})
 

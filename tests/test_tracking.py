@@ -81,8 +81,8 @@ def test_a_registration_left_registering_by_a_crash_is_finished_by_the_reconcile
     v2 = replace(v2, family="stuck")
     run = registry.start_run("register", "register base stuck/v2 (killed)")
     registry._ensure_model("base-stuck", {}, "")
-    registry._create_version("base-stuck", run, "base", {"base_version": "v2", "fingerprint": v2.fingerprint,
-                                                         "source": v2.source, "status": "registering"}, "")
+    registry._create_version("base-stuck", run, f"runs:/{run}/base", {
+        "base_version": "v2", "fingerprint": v2.fingerprint, "source": v2.source, "status": "registering"}, "")
     assert registry.bases("stuck") == [] and registry.finish_stuck_registrations("stuck") == []  # too recent
     (finished,) = registry.finish_stuck_registrations("stuck", min_age_s=0)
     assert (finished.version, finished.fingerprint) == ("v2", v2.fingerprint)
@@ -150,6 +150,10 @@ def test_carrying_folders_over_makes_one_parent_run_a_child_per_adapter_and_a_re
                       "report/gate_decisions.md"}
     good = registry.adapter_versions("good")
     assert [(r.base_version, r.status, r.transferred_from) for r in good] == [("v2", "transferred", "v1")]
+    # A folder has no registered files to name: they are stored in its child run, the version's run.
+    assert registry.run(good[0].run_id).data.tags["mlflow.parentRunId"] == parent
+    assert "adapter/adapter_model.safetensors" in {a.path for a in registry.client.list_artifacts(good[0].run_id,
+                                                                                                   "adapter")}
     assert registry.adapter_versions("broken") == []
     assert registry.base(v2.family, "v2").revalidation is None  # two folders are not the family's revalidation
 

@@ -150,13 +150,16 @@ class Outcome:
     placement: str = ""  # where the base ran, e.g. "cuda:0 bfloat16"
     model_version: str | None = None  # its registry version on the new base, once recorded
     manifest: Manifest | None = None  # adapter_dir's, read once and handed on to the registry
+    # The registry version whose files adapter_dir holds unchanged (passed or flagged as carried over):
+    # the new version names those files instead of a copy of them.
+    carried: AdapterRecord | None = None
 
     @property
     def served_scores(self) -> dict[str, float]:
         return self.retuned if self.retuned is not None else self.new
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "manifest"}
+        return {k: v for k, v in asdict(self).items() if k not in ("manifest", "carried")}
 
     @classmethod
     def crashed(cls, candidate: Candidate, error: str) -> Outcome:
@@ -217,7 +220,7 @@ def revalidate(slot, adapter_dir: Path, candidate: Candidate, data_dir: Path, ga
     outcome.reasons = list(verdict.reasons)
     if verdict.passed or gate.on_fail == "flag":
         outcome.decision = "passed" if verdict.passed else "flagged"
-        outcome.adapter_dir, outcome.manifest = str(adapter_dir), manifest
+        outcome.adapter_dir, outcome.manifest, outcome.carried = str(adapter_dir), manifest, candidate.record
         return outcome
 
     started = time.perf_counter()
@@ -228,6 +231,7 @@ def revalidate(slot, adapter_dir: Path, candidate: Candidate, data_dir: Path, ga
                                             warm_start=adapter_dir)
     except TrainingDiverged as e:  # flagged: the transferred adapter is kept, unserved, with the reason
         outcome.decision, outcome.adapter_dir, outcome.manifest = "flagged", str(adapter_dir), manifest
+        outcome.carried = candidate.record
         outcome.reasons.append(f"re-tuning diverged: {e}")
         slot.broken = True  # it still carries the half-trained adapter: the lender drops it
         return outcome
@@ -240,6 +244,7 @@ def revalidate(slot, adapter_dir: Path, candidate: Candidate, data_dir: Path, ga
         outcome.reasons.append(f"re-tuned for {gate.retune_steps} steps: passes")
     else:
         outcome.decision, outcome.adapter_dir, outcome.manifest = "flagged", str(adapter_dir), manifest
+        outcome.carried = candidate.record
         outcome.reasons.append(f"re-tuned for {gate.retune_steps} steps, still failing: " + "; ".join(again.reasons))
     return outcome
 
@@ -270,7 +275,9 @@ def open_revalidation(registry: Registry, target: BaseRecord, plan_: Plan) -> st
 def record_outcome(registry: Registry, parent_run: str, target: BaseRecord, outcome: Outcome) -> Outcome:
     """The adapter's child run and, unless it failed, its registry version on the new base: served
     when it passed or was re-tuned, kept unserved (status failed-gate) when flagged. Returns the
-    outcome with that version."""
+    outcome with that version. A version carried over unchanged names the files of the version it
+    came from (the same bytes, their checksum checked on every load) instead of a copy: an update of
+    the fleet stores only re-tuned adapters. Its tag revalidation_run names the child run."""
     # A retried record task finds the child run of its first attempt: one per adapter and revalidation.
     child, existed = registry.child_run("transfer", f"{outcome.adapter} -> {target.family}/{target.version}", {
         "adapter": outcome.adapter, "base_version": target.version, "source_version": outcome.source_version,
@@ -286,12 +293,17 @@ def record_outcome(registry: Registry, parent_run: str, target: BaseRecord, outc
     if outcome.decision == "failed":
         registry.finish_run(child, ok=False)
         return outcome
-    registry.log_files(child, outcome.adapter_dir, "adapter")
+    if outcome.carried is not None:  # the files it was carried over with: named where they are, not copied
+        files_run, files = outcome.carried.run_id, outcome.carried.files
+    else:
+        registry.log_files(child, outcome.adapter_dir, "adapter")
+        files_run, files = child, None
     record = registry.register_adapter(
         outcome.adapter, Path(outcome.adapter_dir), target, REGISTRY_STATUS[outcome.decision],
-        {t: {"exact_match": v} for t, v in outcome.served_scores.items()}, child,
+        {t: {"exact_match": v} for t, v in outcome.served_scores.items()}, files_run,
         transferred_from=outcome.source_version, serve=outcome.decision != "flagged", manifest=outcome.manifest,
-        tags={"gate": "passed" if outcome.decision == "passed" else "; ".join(outcome.reasons)[:5000]})
+        files=files, tags={"gate": "passed" if outcome.decision == "passed" else "; ".join(outcome.reasons)[:5000],
+                           "revalidation_run": child})
     registry.finish_run(child)
     return replace(outcome, model_version=record.model_version)
 

@@ -7,8 +7,10 @@ Registry layout (names are what a reviewer searches for in the MLflow UI):
                                (MLflow reserves aliases like "v1")
     adapter-<name>             one model version per base version the adapter is valid on; tags
                                base_family, base_version, base_fingerprint, dataset_hash, method,
-                               p_i, p_c, status, transferred_from, exact_match.<task>; alias
-                               on-<base_version> points at the version to serve there
+                               p_i, p_c, status, transferred_from, exact_match.<task>,
+                               revalidation_run; alias on-<base_version> points at the version
+                               to serve there. A version's run holds its files: the training or
+                               re-tuning run, which later versions of unchanged files share
 
 Runs go to experiments named after the step (train, evaluate, transfer): params, the loss curve,
 metrics per task, the dataset hash, and the adapter files as plain artifacts (never through MLflow's
@@ -28,6 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mlflow import MlflowClient
+from mlflow.artifacts import download_artifacts
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
@@ -97,9 +100,14 @@ class AdapterRecord:
     metrics: dict[str, float]  # exact match per task on that base
     model_version: str
     serving: bool  # the on-<base_version> alias points here
-    run_id: str = ""  # the run holding the adapter files under adapter/
+    run_id: str = ""  # the run holding the adapter files
     to_serve: bool = False  # registered to be served there: its alias should point here
     weights_sha256: str = ""
+    source: str = ""  # the files' URI in that run's artifacts (the version's source)
+
+    @property
+    def files(self) -> str:
+        return self.source or f"runs:/{self.run_id}/adapter"
 
     @property
     def half_registered(self) -> bool:
@@ -118,6 +126,9 @@ class Registry:
         # fingerprint of each ready base version (a version's weights are never replaced).
         self._experiments: dict[str, str] = {}
         self._fingerprints: dict[tuple[str, str], str] = {}
+        # Each run started here -> its artifact URI: a model version names its files by that URI, not
+        # runs:/, so reading them back takes no run lookups.
+        self._artifact_roots: dict[str, str] = {}
 
     # -- runs -------------------------------------------------------------------------------------
 
@@ -141,7 +152,9 @@ class Registry:
         tags = {k: str(v) for k, v in (tags or {}).items()}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
-        return self.client.create_run(self._experiment(step), run_name=name, tags=tags).info.run_id
+        info = self.client.create_run(self._experiment(step), run_name=name, tags=tags).info
+        self._artifact_roots[info.run_id] = info.artifact_uri
+        return info.run_id
 
     def log(self, run_id: str, params: dict | None = None, metrics: dict | None = None, tags: dict | None = None,
             curve: tuple[str, list[float]] | None = None) -> None:
@@ -206,7 +219,7 @@ class Registry:
         # status "registering": the webhook receiver skips it, this registration announces itself.
         tags = {"base_version": base.version, "fingerprint": base.fingerprint, "source": base.source,
                 "revision": base.revision or "", "parent": parent or "", "status": "registering"}
-        version = self._create_version(name, run_id, "base", tags,
+        version = self._create_version(name, run_id, f"runs:/{run_id}/base", tags,
                                        f"{base.family}/{base.version} from {base.source}"
                                        + (f" (continued from {parent})" if parent else ""))
         return self._finish_registration(version)
@@ -317,9 +330,11 @@ class Registry:
 
     def register_adapter(self, name: str, adapter_dir: Path, base: BaseInfo, status: str, metrics: dict,
                          run_id: str, transferred_from: str | None = None, serve: bool = True,
-                         tags: dict | None = None, manifest: Manifest | None = None) -> AdapterRecord:
-        """Record that the adapter (files logged under ``run_id``/adapter) is valid on ``base``;
-        ``manifest``: the folder's, when the caller has read it already."""
+                         tags: dict | None = None, manifest: Manifest | None = None,
+                         files: str | None = None) -> AdapterRecord:
+        """Record that the adapter in ``adapter_dir`` is valid on ``base``. Its files are run ``run_id``'s
+        adapter/ artifacts, or at ``files`` in that run (an earlier version's ``source``, when they are
+        that version's files unchanged). ``manifest``: the folder's, when the caller has read it already."""
         if status not in ADAPTER_STATUSES:
             raise ValueError(f"adapter status must be one of {ADAPTER_STATUSES}, got {status!r}")
         key = (base.family, base.version)
@@ -349,8 +364,10 @@ class Registry:
                 # The version is created before its alias; this says the alias is owed, so a version left
                 # without it (a kill in between) is finished by the next registration or plan.
                 "serve": str(serve).lower(), **(tags or {})}
-        version = self._create_version(model, run_id, "adapter", tags,
-                                       f"{name} on {base.family}/{base.version}: {status}")
+        if files is None:
+            root = self._artifact_roots.get(run_id)
+            files = f"{root}/adapter" if root else f"runs:/{run_id}/adapter"
+        version = self._create_version(model, run_id, files, tags, f"{name} on {base.family}/{base.version}: {status}")
         record = _adapter_record(name, version, {})  # a new version: no alias points at it yet
         return self.serve(record) if serve else record
 
@@ -370,9 +387,9 @@ class Registry:
                       key=lambda r: int(r.model_version))
 
     def download_adapter(self, record: AdapterRecord, into: Path) -> Path:
-        """The adapter files of a registered version, downloaded to ``into``/adapter."""
+        """The adapter files of a registered version, downloaded to ``into``/<their folder's name>."""
         Path(into).mkdir(parents=True, exist_ok=True)
-        return Path(self.client.download_artifacts(record.run_id, "adapter", str(into)))
+        return Path(download_artifacts(artifact_uri=record.files, dst_path=str(into), tracking_uri=self.uri))
 
     def adapter_tags(self, record: AdapterRecord) -> dict[str, str]:
         """The registry version's tags: the gate's verdict, fingerprints, hashes."""
@@ -407,8 +424,8 @@ class Registry:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
 
-    def _create_version(self, model: str, run_id: str, artifact_path: str, tags: dict, description: str):
-        return self.client.create_model_version(model, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id,
+    def _create_version(self, model: str, run_id: str, source: str, tags: dict, description: str):
+        return self.client.create_model_version(model, source=source, run_id=run_id,
                                                 tags={k: str(v) for k, v in tags.items()}, description=description)
 
 
@@ -430,7 +447,7 @@ def _adapter_record(name: str, mv, aliases: dict[str, str]) -> AdapterRecord:
         transferred_from=tags.get("transferred_from") or None, model_version=mv.version, run_id=mv.run_id,
         metrics={k.removeprefix("exact_match."): float(v) for k, v in tags.items() if k.startswith("exact_match.")},
         serving=aliases.get(_alias(f"on-{tags['base_version']}")) == mv.version,
-        to_serve=tags.get("serve") == "true", weights_sha256=tags.get("weights_sha256", ""))
+        to_serve=tags.get("serve") == "true", weights_sha256=tags.get("weights_sha256", ""), source=mv.source or "")
 
 
 def _flat_metrics(metrics: dict[str, dict]) -> dict[str, float]:

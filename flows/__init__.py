@@ -15,6 +15,7 @@ import os
 
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from transpeft.bases import limit_lent_bases
 from transpeft.params import Fanout, ParamsError, load_params
 from transpeft.tracking import tracking_uri
 
@@ -39,7 +40,15 @@ def fanout_runner(fanout: Fanout | None = None):
         return DaskTaskRunner(cluster_kwargs={"n_workers": fanout.max_workers, "threads_per_worker": 1,
                                               "processes": True, "dashboard_address": None})
     _share_cores(fanout.max_workers)
-    return ThreadPoolTaskRunner(max_workers=fanout.max_workers)
+    # Prefect runs a task's wait for its inputs on a pool thread: with one thread per slot, a slot's
+    # thread waits for its adapter's download while the model sits idle. Each adapter is a chain of
+    # three tasks (fetch, judge, record), so each slot gets three threads, and the base lender keeps
+    # the model compute at max_workers at a time (the others download and record meanwhile).
+    limit_lent_bases(fanout.max_workers)
+    return ThreadPoolTaskRunner(max_workers=fanout.max_workers * THREADS_PER_SLOT)
+
+
+THREADS_PER_SLOT = 3
 
 
 def _share_cores(tasks: int) -> None:

@@ -4,6 +4,9 @@ does not depend on either."""
 from __future__ import annotations
 
 import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ import torch
 
 from conftest import char_tokenizer, tiny_model
 from transpeft import placement as placement_module
-from transpeft.bases import BaseRef, describe_base, lend_base, load_base
+from transpeft.bases import BaseLender, BaseRef, describe_base, lend_base, load_base
 from transpeft.params import ParamsError, load_params
 from transpeft.placement import CPU_BF16_MIN_HIDDEN, Placement, PlacementError, placed
 
@@ -88,6 +91,31 @@ def test_the_lender_keeps_one_pool_per_placement(saved_base):
         assert placed(slot.model) == "cpu bfloat16"
     with lend_base(ref, placement=Placement(dtype="fp32")) as slot:
         assert placed(slot.model) == "cpu float32"
+
+
+def test_a_limited_lender_lends_that_many_at_once_and_a_failed_borrower_frees_its_slot(saved_base):
+    """What lets the flow's pool have more threads than compute slots: the extra borrowers wait."""
+    ref, lender = BaseRef(str(saved_base)), BaseLender()
+    lender.limit(2)
+    lent, most, guard = [0], [0], threading.Lock()
+
+    def borrow(fail: bool) -> None:
+        with lender.borrow(ref):
+            with guard:
+                lent[0] += 1
+                most[0] = max(most[0], lent[0])
+            time.sleep(0.2)
+            with guard:
+                lent[0] -= 1
+            if fail:
+                raise RuntimeError("a crash inside the borrow")
+
+    with ThreadPoolExecutor(6) as pool:
+        done = [pool.submit(borrow, i % 2 == 0) for i in range(6)]
+        failed = sum(isinstance(f.exception(), RuntimeError) for f in done)
+    assert (most[0], failed) == (2, 3)
+    with lender.borrow(ref), lender.borrow(ref):  # the failed ones gave their slots back
+        pass
 
 
 def test_params_yaml_placement_is_read_and_checked(tmp_path):

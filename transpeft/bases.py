@@ -230,11 +230,29 @@ class BaseLender:
         self._lock = threading.Lock()
         self._idle: dict[tuple[BaseRef, Placement], list] = {}
         self._loading: dict[tuple[BaseRef, Placement], threading.Lock] = {}
+        self._slots: threading.BoundedSemaphore | None = None  # at most this many lent at once, any base
+
+    def limit(self, slots: int | None) -> None:
+        """Lend at most ``slots`` instances at a time (None: no limit): a borrower beyond waits. With more
+        threads than slots, the others fetch and record adapters while these compute."""
+        self._slots = threading.BoundedSemaphore(slots) if slots else None
 
     @contextmanager
     def borrow(self, ref: BaseRef, fingerprint: str | None = None, placement: Placement = Placement()):
         """An instance of the base on ``placement``; with ``fingerprint``, only if the weights are
         still the registered ones."""
+        slots = self._slots
+        if slots is not None:
+            slots.acquire()
+        try:
+            with self._lent(ref, fingerprint, placement) as slot:
+                yield slot
+        finally:
+            if slots is not None:
+                slots.release()
+
+    @contextmanager
+    def _lent(self, ref: BaseRef, fingerprint: str | None, placement: Placement):
         key = (ref, placement)
         with self._lock:
             idle = self._idle.setdefault(key, [])
@@ -260,3 +278,8 @@ _LENDER = BaseLender()  # one per process: Prefect threads share it, each Dask w
 def lend_base(ref: BaseRef, fingerprint: str | None = None, placement: Placement = Placement()):
     """This process's lender's ``borrow``: ``with lend_base(ref) as slot: slot.model ...``."""
     return _LENDER.borrow(ref, fingerprint, placement)
+
+
+def limit_lent_bases(slots: int | None) -> None:
+    """This process's lender's ``limit``."""
+    _LENDER.limit(slots)

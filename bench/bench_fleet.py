@@ -27,6 +27,7 @@ import dataclasses
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -161,6 +162,46 @@ print("RESULT " + json.dumps({"flow_run_id": str(state.state_details.flow_run_id
 """
 
 
+SERVERS = ("mlflow", "prefect-server", "postgres", "s3", "dask-scheduler", *stack.DASK_WORKERS)
+
+
+def server_cpu(servers: stack.Stack) -> dict[str, float]:
+    """CPU seconds used so far by each server, its child processes included."""
+    used = {}
+    for name in SERVERS:
+        process = stack._process(servers, name)
+        if process is None:
+            continue
+        try:
+            tree = [process, *process.children(recursive=True)]
+            used[name] = sum(sum(p.cpu_times()[:2]) for p in tree)
+        except psutil.Error:
+            pass
+    return used
+
+
+class CpuUse:
+    """Where the CPU went during a run: seconds per server, in the flow-run process (a child of this
+    one, counted once it has exited), and the machine's busy share."""
+
+    def __init__(self, servers: stack.Stack):
+        self.servers = servers
+
+    def __enter__(self):
+        self._servers, self._machine = server_cpu(self.servers), psutil.cpu_times()
+        self._children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return self
+
+    def __exit__(self, *exc):
+        after, machine = server_cpu(self.servers), psutil.cpu_times()
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.seconds = {name: round(after[name] - self._servers.get(name, 0.0), 1) for name in after}
+        self.seconds["flow-run process"] = round(children.ru_utime + children.ru_stime - self._children.ru_utime
+                                                 - self._children.ru_stime, 1)
+        total = sum(machine) - sum(self._machine)
+        self.busy_share = round(1 - (machine.idle - self._machine.idle) / total, 2) if total else None
+
+
 REQUEST = re.compile(r'"(GET|POST|PUT|PATCH|DELETE|HEAD) (/[^ ?]*)')
 
 
@@ -188,7 +229,7 @@ def run_flow(servers: stack.Stack, family: str, version: str, data: Path, params
     if dask:
         # `dask worker` is a nanny: the worker process that runs the tasks is its child.
         watched |= {name: stack._process(servers, name) for name in stack.DASK_WORKERS}
-    with PeakMemory(watched) as memory:
+    with PeakMemory(watched) as memory, CpuUse(servers) as cpu:
         output, _ = process.communicate()
     wall = time.perf_counter() - started
     if process.returncode != 0:
@@ -198,7 +239,8 @@ def run_flow(servers: stack.Stack, family: str, version: str, data: Path, params
     by_server = {name: sum(n for (server, _), n in made.items() if server == name) for name in ("mlflow", "prefect")}
     endpoints = {f"{server} {endpoint}": n for (server, endpoint), n in made.most_common()}
     return {"wall_s": round(wall, 1), "summary": result["summary"], "flow_run_id": result["flow_run_id"],
-            "requests": by_server, "endpoints": endpoints, "peak_rss_mib": memory.mib()}
+            "requests": by_server, "endpoints": endpoints, "peak_rss_mib": memory.mib(), "cpu_s": cpu.seconds,
+            "machine_busy_share": cpu.busy_share}
 
 
 def warm_dask(servers: stack.Stack) -> None:
@@ -267,13 +309,16 @@ def compute_only(bases: Path, family: str, version: str, folders: dict[str, Path
     return round(seconds, 1)
 
 
-def revalidate_fleet(servers, registry, bases, data, params, size: int, work: Path) -> dict:
+def revalidate_fleet(servers, registry, bases, data, params, size: int, work: Path,
+                     runners: tuple[str, ...] = ("threads", "dask")) -> dict:
     family = f"fleet{size}"
     started = time.perf_counter()
     folders = make_fleet(registry, bases, data, family, size, work / family)
     made = time.perf_counter() - started
     result = {"adapters": size, "fleet_made_s": round(made, 1), "runs": {}}
     for runner, version, dask in (("threads", "v2", False), ("dask", "v3", True)):
+        if runner not in runners:
+            continue
         if dask:
             warm_dask(servers)
             registry.register_base(describe_base(BaseRef(str(bases / "v3"), None, family, "v3"))[2], parent="v2")
@@ -322,6 +367,8 @@ def plot(results: dict, out: Path) -> None:
     sizes = [f["adapters"] for f in fleets]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     for runner, marker in (("threads", "o"), ("dask", "s")):
+        if runner not in fleets[0]["runs"]:
+            continue
         left.plot(sizes, [f["runs"][runner]["wall_s"] / 60 for f in fleets], marker=marker, label=f"{runner}: wall")
         left.plot(sizes, [f["runs"][runner]["compute_s"] / 60 for f in fleets], marker=marker, linestyle="--",
                   label=f"{runner}: model compute alone")
@@ -347,6 +394,8 @@ def main() -> None:
     parser.add_argument("--eval-rows", type=int, default=32, help="evaluation rows per task (the model compute)")
     parser.add_argument("--out", type=Path, help="default bench/results/fleet.json (.quick.json with --quick)")
     parser.add_argument("--quick", action="store_true", help="fleets of 5 and 10: checks the script")
+    parser.add_argument("--runners", nargs="+", choices=("threads", "dask"), default=["threads", "dask"],
+                        help="the flow's thread runner, the Dask cluster, or both (default)")
     args = parser.parse_args()
     sizes = sorted(args.sizes or ([5, 10] if args.quick else [50, 200, 500]))
     out = args.out or ROOT / "bench" / "results" / ("fleet.quick.json" if args.quick else "fleet.json")
@@ -363,7 +412,7 @@ def main() -> None:
             (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
             registry = Registry(servers.mlflow_url)
             fleets = [revalidate_fleet(servers, registry, work / "bases", work / "data", work / "params.yaml", size,
-                                       work) for size in sizes]
+                                       work, tuple(args.runners)) for size in sizes]
         finally:
             stack.down(servers, say=lambda line: None, timeout=10)
     results = {"cores": os.cpu_count(), "profile": "test", "eval_rows_per_task": args.eval_rows, "slots": SLOTS,

@@ -109,15 +109,15 @@ def test_a_record_retried_after_a_transient_error_makes_one_child_run(fleet, pre
     from transpeft.tracking import Registry, TrackingUnavailable
 
     failed_once: set[str] = set()
-    real = Registry.log_files
+    real = Registry.register_adapter
 
-    def flaky(self, run_id, directory, under):
-        if under == "adapter" and run_id not in failed_once:  # after the child run exists, before the version
-            failed_once.add(run_id)
+    def flaky(self, name, *args, **kwargs):
+        if name not in failed_once:  # after the child run exists, before the version
+            failed_once.add(name)
             raise TrackingUnavailable("MLflow answered 503")
-        return real(self, run_id, directory, under)
+        return real(self, name, *args, **kwargs)
 
-    monkeypatch.setattr(Registry, "log_files", flaky)
+    monkeypatch.setattr(Registry, "register_adapter", flaky)
     monkeypatch.setattr(flow_module, "record", record.with_options(retry_delay_seconds=0))
     summary = transfer_on_base_update(fleet.family, "v2", fleet.data, fleet.params(GATE_PASS_ALL))
 

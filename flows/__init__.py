@@ -20,6 +20,7 @@ from transpeft.params import Fanout, ParamsError, load_params
 from transpeft.tracking import tracking_uri
 
 PARAMS = os.environ.get("TRANSPEFT_PARAMS", "params.yaml")
+THREADS_PER_SLOT = 3  # an adapter's fetch, judge and record: see fanout_runner
 
 
 def fanout_runner(fanout: Fanout | None = None):
@@ -47,8 +48,6 @@ def fanout_runner(fanout: Fanout | None = None):
     limit_lent_bases(fanout.max_workers)
     return ThreadPoolTaskRunner(max_workers=fanout.max_workers * THREADS_PER_SLOT)
 
-
-THREADS_PER_SLOT = 3
 
 
 def _share_cores(tasks: int) -> None:

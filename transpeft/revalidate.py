@@ -197,7 +197,8 @@ def revalidate(slot, adapter_dir: Path, candidate: Candidate, data_dir: Path, ga
                batch_size: int = 32, progress: bool = False) -> Outcome:
     """Transfer one adapter onto the base lent in ``slot`` (model, tokenizer, info), judge it, and
     re-tune or flag it as the gate says. ``slot.model`` is the bare base again afterwards."""
-    outcome = Outcome(candidate.name, candidate.source_version, "failed", old=dict(candidate.old))
+    outcome = Outcome(candidate.name, candidate.source_version, "failed", old=dict(candidate.old),
+                      carried=candidate.record)  # its files, unless re-tuning replaces them
     target = slot.info
     outcome.placement = placed(slot.model)
     started = time.perf_counter()
@@ -220,7 +221,7 @@ def revalidate(slot, adapter_dir: Path, candidate: Candidate, data_dir: Path, ga
     outcome.reasons = list(verdict.reasons)
     if verdict.passed or gate.on_fail == "flag":
         outcome.decision = "passed" if verdict.passed else "flagged"
-        outcome.adapter_dir, outcome.manifest, outcome.carried = str(adapter_dir), manifest, candidate.record
+        outcome.adapter_dir, outcome.manifest = str(adapter_dir), manifest
         return outcome
 
     started = time.perf_counter()
@@ -231,7 +232,6 @@ def revalidate(slot, adapter_dir: Path, candidate: Candidate, data_dir: Path, ga
                                             warm_start=adapter_dir)
     except TrainingDiverged as e:  # flagged: the transferred adapter is kept, unserved, with the reason
         outcome.decision, outcome.adapter_dir, outcome.manifest = "flagged", str(adapter_dir), manifest
-        outcome.carried = candidate.record
         outcome.reasons.append(f"re-tuning diverged: {e}")
         slot.broken = True  # it still carries the half-trained adapter: the lender drops it
         return outcome
@@ -240,11 +240,10 @@ def revalidate(slot, adapter_dir: Path, candidate: Candidate, data_dir: Path, ga
     outcome.retuned = {t: m["exact_match"] for t, m in retuned.metrics.items()}
     again = judge(outcome.retuned, outcome.old, outcome.zero_shot, gate)
     if again.passed:
-        outcome.decision, outcome.adapter_dir, outcome.manifest = "retuned", str(out), retuned
+        outcome.decision, outcome.adapter_dir, outcome.manifest, outcome.carried = "retuned", str(out), retuned, None
         outcome.reasons.append(f"re-tuned for {gate.retune_steps} steps: passes")
     else:
         outcome.decision, outcome.adapter_dir, outcome.manifest = "flagged", str(adapter_dir), manifest
-        outcome.carried = candidate.record
         outcome.reasons.append(f"re-tuned for {gate.retune_steps} steps, still failing: " + "; ".join(again.reasons))
     return outcome
 

@@ -49,7 +49,6 @@ def fanout_runner(fanout: Fanout | None = None):
     return ThreadPoolTaskRunner(max_workers=fanout.max_workers * THREADS_PER_SLOT)
 
 
-
 def _share_cores(tasks: int) -> None:
     """Split torch's CPU threads between concurrent tasks: on 2 cores, 2 tasks x 1 thread trained four
     demo adapters 1.14x faster than one at a time and 1.52x faster than 2 x 2 (bench/bench_fanout.py)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import subprocess
 import sys
 
@@ -71,6 +72,47 @@ def test_train_evaluate_and_transfer(demo):
 
     text = cli("transfer", demo / "adapter", "--to", demo / "bases/v2", "--data", demo / "data").stdout
     assert ": flagged (v1 -> bases/v2; old metric recorded at training)" in text and "retention" in text
+
+
+def test_training_into_a_pipe_logs_a_few_readable_lines_not_progress_frames(demo, tmp_path):
+    done = cli("train", "--base", demo / "bases/v1", "--data", demo / "data", "--tasks", "reverse", "--steps", 200,
+               "--batch-size", 4, "--out", tmp_path / "adapter", executable=True)  # stderr is a pipe here
+    log = done.stderr
+    assert "\r" not in log and "Warning" not in log, log[:2000]
+    lines = [line for line in log.splitlines() if line.startswith("train: ")]
+    assert 10 <= len(lines) <= 11 + 20, log  # every 10 %, and at most one more per 10 s
+    assert all(re.fullmatch(r"train: step \d+/200 \(\d+%\), loss \d+\.\d{3}, \d+\.\d step/s", line)
+               for line in lines), lines
+    assert lines[-1].startswith("train: step 200/200 (100%)")
+    assert len(log) < 4000, log
+
+
+def test_a_base_takes_its_family_from_family_json_and_a_bare_folder_must_be_given_one(demo, tmp_path):
+    import shutil
+
+    from transpeft.bases import BaseRef
+
+    assert BaseRef(str(demo / "bases/v2")).resolved_family() == "bases"  # build-demo's default: the --out folder
+    cli("bases", "build-demo", "--profile", "test", "--quick", "--out", tmp_path / "built", "--family", "acme",
+        "--json")
+    assert BaseRef(str(tmp_path / "built/v1")).resolved_family() == "acme"
+
+    shutil.copytree(demo / "bases/v1", tmp_path / "models/v1")  # no family.json beside it
+    done = cli("bases", "register", "--base", tmp_path / "models/v1", "--no-event", check=False)
+    assert done.returncode == 2 and "which family is it? Give --base-family NAME" in done.stderr, done.stderr
+
+
+def test_an_adapter_records_its_base_by_absolute_path_so_it_loads_quietly_from_any_folder(demo, tmp_path,
+                                                                                         monkeypatch):
+    monkeypatch.chdir(demo)  # the base given relative to the working folder, as in a project
+    cli("train", "--base", "bases/v1", "--data", "data", "--tasks", "reverse", "--steps", 1, "--out",
+        tmp_path / "adapter", "--json")
+    config = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((demo / "bases/v1").resolve())
+    monkeypatch.chdir(tmp_path)
+    done = cli("evaluate", "--base", demo / "bases/v1", "--data", demo / "data", tmp_path / "adapter", "--json",
+               executable=True)
+    assert "Could not find a config file" not in done.stderr, done.stderr
 
 
 def test_dtype_bf16_runs_training_evaluation_and_transfer_on_bf16_weights(demo, tmp_path):

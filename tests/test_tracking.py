@@ -7,6 +7,7 @@ from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
+from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from servers import free_port
@@ -17,7 +18,8 @@ from transpeft.demo.tasks import build_demo_tasks
 from transpeft.methods import MethodConfig
 from transpeft.params import Gate
 from transpeft.revalidate import close_revalidation, open_revalidation, plan_folders, record_outcome, revalidate
-from transpeft.tracking import NotRegistered, Registry, RegistryConflict, TrackingUnavailable
+from transpeft.tracking import (AdapterRecord, NotRegistered, Registry, RegistryConflict, TrackingUnavailable,
+                                adapter_description, verdict)
 from transpeft.train import TrainConfig, train_adapter
 
 pytestmark = pytest.mark.server
@@ -198,6 +200,37 @@ def test_cli_registers_bases_trains_transfers_and_lists_side_by_side(mlflow_serv
     text = cli("adapters", "list").stdout
     assert "faq-bot" in text and "trained*" in text and "failed-gate" in text and "failed-gate*" not in text
     assert "tiny" in cli("bases", "list").stdout
+
+    # The adapter's page in the MLflow UI: both base versions side by side, each version's verdict.
+    client = MlflowClient(mlflow_server.url)
+    table = client.get_registered_model("adapter-faq-bot").description.splitlines()
+    assert [row.split(" | ")[:4] for row in table if row.startswith("| tiny/")] == [
+        ["| tiny/v1", "1", "trained", "yes"], ["| tiny/v2", "2", "failed-gate", "no"]]
+    v2 = client.get_model_version("adapter-faq-bot", "2").description
+    assert v2.startswith("carried over from v1 to tiny/v2, kept unserved: ") and "Exact match: sort " in v2
+
+
+def test_an_adapters_description_puts_every_base_version_side_by_side():
+    rows = [AdapterRecord("faq", "demo", "v1", "trained", None, {"sort": 0.9, "reverse": 0.8}, "1", True,
+                          trained_on="v1"),
+            AdapterRecord("faq", "demo", "v2", "retuned", "v1", {"sort": 0.85}, "2", True, trained_on="v2",
+                          gate="sort: retention 0.52 | below 0.9; re-tuned for 40 steps: passes"),
+            AdapterRecord("faq", "demo", "v3", "failed-gate", "v2", {"sort": 0.2, "reverse": 0.1}, "3", False,
+                          gate="sort: retention 0.24")]
+    table = adapter_description("faq", rows).splitlines()
+    assert table[2] == ("| base | version | status | served | reverse (exact match) | sort (exact match) | came from "
+                        "| gate |")
+    assert table[4:] == [
+        "| demo/v1 | 1 | trained | yes | 0.800 | 0.900 | trained on v1 |  |",
+        "| demo/v2 | 2 | retuned | yes |  | 0.850 | carried over from v1, re-tuned on v2 | sort: retention 0.52 \\| "
+        "below 0.9; re-tuned for 40 steps: passes |",
+        "| demo/v3 | 3 | failed-gate | no | 0.100 | 0.200 | carried over from v2 | sort: retention 0.24 |"]
+    assert [verdict(r) for r in rows] == [
+        "trained on demo/v1. Exact match: reverse 0.800, sort 0.900",
+        "carried over from v1 to demo/v2, failed the gate, re-tuned: it passes. Exact match: sort 0.850",
+        "carried over from v2 to demo/v3, kept unserved: sort: retention 0.24. Exact match: reverse 0.100, sort 0.200"]
+    many = adapter_description("faq", [replace(rows[2], model_version=str(i), gate="x" * 240) for i in range(60)])
+    assert len(many) <= 5000 and many.endswith("(table cut short)")
 
 
 def test_a_lent_base_must_still_be_the_registered_one(family):

@@ -27,6 +27,9 @@ from .placement import Placement
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures"}
 
 
+FAMILY_RECORD = "family.json"  # beside a family's version folders: {"family": "<name>", ...}
+
+
 class BaseLoadError(RuntimeError):
     """A base that cannot be found or loaded."""
 
@@ -45,14 +48,28 @@ class BaseRef:
         return Path(self.source).is_dir()
 
     def resolved_family(self) -> str:
+        """The family given; else, for a folder, the one its family's record names (``family.json``
+        beside the version folders, as ``bases build-demo`` writes it), else the parent folder's name."""
         if self.family:
             return self.family
-        return Path(self.source).resolve().parent.name if self.is_local else self.source
+        if not self.is_local:
+            return self.source
+        return recorded_family(self.source) or Path(self.source).resolve().parent.name
 
     def resolved_version(self) -> str:
         if self.version:
             return self.version
         return Path(self.source).resolve().name if self.is_local else (self.revision or "main")
+
+
+def recorded_family(source: str | Path) -> str | None:
+    """The family named by ``family.json`` in the folder above a base version's folder, if any."""
+    record = Path(source).resolve().parent / FAMILY_RECORD
+    try:
+        name = json.loads(record.read_text(encoding="utf-8")).get("family")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) and name else None
 
 
 @dataclass(frozen=True)
@@ -208,8 +225,8 @@ def load_base(ref: BaseRef, placement: Placement = Placement()):
     config, tokenizer, info = describe_base(ref)
     device, dtype = placement.resolve(config)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            ref.source, revision=ref.revision, dtype=dtype, use_safetensors=True,
+        model = AutoModelForCausalLM.from_pretrained(  # an absolute path: adapters record it as their base
+            info.source, revision=ref.revision, dtype=dtype, use_safetensors=True,
             device_map=None if device.type == "cpu" else device)  # straight onto the GPU, no CPU copy
     except (OSError, ValueError) as e:
         raise BaseLoadError(f"could not load base {ref.source!r}"

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 
 EXIT_ERROR, EXIT_INCOMPATIBLE = 2, 3
@@ -34,7 +33,9 @@ def _add_base(p: argparse.ArgumentParser, flag: str = "--base", dest: str = "bas
     p.add_argument(flag, dest=dest, required=required, metavar="DIR_OR_HUB_ID",
                    help=f"{what}: a local model directory, or a hub id (then pin {flag}-revision)")
     p.add_argument(f"{flag}-revision", dest=f"{dest}_revision", help=f"commit or tag of a hub {what}")
-    p.add_argument(f"{flag}-family", dest=f"{dest}_family", help="family name (default: the parent directory)")
+    p.add_argument(f"{flag}-family", dest=f"{dest}_family",
+                   help="family name (default: the name in family.json beside the version folders, else the parent "
+                        "folder's)")
     p.add_argument(f"{flag}-version", dest=f"{dest}_version", help="version name (default: the directory name)")
 
 
@@ -86,7 +87,8 @@ def _metrics_table(rows: dict[str, dict], columns=("exact_match", "token_accurac
 def cmd_bases_build_demo(args) -> int:
     from .demo.family import build_demo_family
 
-    summary = build_demo_family(Path(args.out), profile=args.profile, progress=not args.json, quick=args.quick)
+    summary = build_demo_family(Path(args.out), profile=args.profile, progress=not args.json, quick=args.quick,
+                                name=args.family)
     similarity = ", ".join(f"{pair} attention {s['attention']:.3f} / FFN {s['ffn']:.3f}"
                            for pair, s in summary["similarity"].items())
     _emit(args, summary, f"built demo base family ({args.profile}) in {args.out}: v1, v2, v3\n"
@@ -254,15 +256,19 @@ def _gate(params_file: str):
 
 
 def cmd_bases_register(args) -> int:
-    from .bases import describe_base
+    from .bases import BaseLoadError, describe_base, recorded_family
     from .events import (BASE_REGISTERED, TRANSFER_DEPLOYMENT, EventNotDelivered, announcement, check_reachable,
                          emit, prefect_api_url)
 
+    ref = _base_ref(args)
+    if ref.is_local and not ref.family and not recorded_family(ref.source):  # a folder's name is no family's name
+        raise BaseLoadError(f"base {ref.source}: which family is it? Give --base-family NAME, or write family.json "
+                            f'with {{"family": "NAME"}} beside its version folders')
     registry = _registry(args)
     api_url = None if args.no_event else prefect_api_url(args.prefect_api_url)
     if api_url:
         check_reachable(api_url)  # before registering, so the common failure changes nothing
-    _, _, info = describe_base(_base_ref(args))
+    _, _, info = describe_base(ref)
     record = registry.register_base(info, parent=args.parent)
     payload = dict(record.__dict__)
     text = (f"registered base {record.family}/{record.version} as base-{record.family} "
@@ -409,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "100 M tokens, for a GPU")
     p.add_argument("--quick", action="store_true", help="the profile's shapes in a few steps (a smoke run)")
     p.add_argument("--out", required=True, help="directory to write v1/, v2/, v3/ and family.json to")
+    p.add_argument("--family", help="the family's name, in family.json: its versions register under it (default: "
+                                    "the --out folder's name)")
     _add_json(p)
     p.set_defaults(func=cmd_bases_build_demo)
     p = _parser("fingerprint", bases_sub, "print a base's family, version and fingerprint",
@@ -576,8 +584,6 @@ def main(argv: list[str] | None = None) -> int:
     from .train import TrainingDiverged
     from .transfer import IncompatibleBase
 
-    # Raised inside peft on every training start; nothing a user can act on.
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
     args = build_parser().parse_args(argv)
     if getattr(args, "json", False):  # MLflow prints "View run ... at" on stdout when a run ends: not JSON
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")

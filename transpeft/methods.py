@@ -7,6 +7,7 @@ only with ``PeftModel.from_pretrained``.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,6 +19,10 @@ from torch import nn
 from . import bottleneck
 from .config import MethodConfig  # defined with the other configuration models; imported from here too
 from .defaults import ALL_LINEAR
+
+# peft's PeftModel asks transformers' model for `is_gradient_checkpointing`, which transformers 5 has
+# deprecated: a FutureWarning at every adapter attached or loaded, about code that is not ours.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 @dataclass(frozen=True)

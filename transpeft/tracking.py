@@ -40,6 +40,7 @@ from .health import health_problem
 
 DEFAULT_TRACKING_URI = "http://127.0.0.1:5000"
 BASE_PREFIX, ADAPTER_PREFIX = "base-", "adapter-"
+DESCRIPTION_CHARS = 5000  # MLflow's limit on a registered model's or version's description
 ADAPTER_STATUSES = ("trained", "transferred", "retuned", "failed-gate")
 # A base's revalidation states that leave nothing for the reconciler; "incomplete" does.
 FINISHED = ("done", "done with failures")
@@ -104,6 +105,8 @@ class AdapterRecord:
     to_serve: bool = False  # registered to be served there: its alias should point here
     weights_sha256: str = ""
     source: str = ""  # the files' URI in that run's artifacts (the version's source)
+    gate: str = ""  # the gate's verdict on that base: "passed", or its reasons (none for a trained version)
+    trained_on: str = ""  # the base version the adapter was trained (or re-tuned) on
 
     @property
     def files(self) -> str:
@@ -350,7 +353,10 @@ class Registry:
             if (record.base_version, record.weights_sha256, record.status) == (base.version, manifest.weights_sha256,
                                                                                status):
                 # Registering the same thing twice changes nothing, but finishes what a killed first try left.
-                return self.serve(record) if serve and not record.serving else record
+                if serve and not record.serving:
+                    record = self.serve(record)
+                    self._describe(name, versions, record)
+                return record
         if not versions:  # a new adapter (or one whose only version was deleted)
             self._ensure_model(model, {"kind": "adapter"},
                                f"Adapter {name}: one version per base version it is valid on.")
@@ -367,9 +373,23 @@ class Registry:
         if files is None:
             root = self._artifact_roots.get(run_id)
             files = f"{root}/adapter" if root else f"runs:/{run_id}/adapter"
-        version = self._create_version(model, run_id, files, tags, f"{name} on {base.family}/{base.version}: {status}")
+        line = verdict(AdapterRecord(name, base.family, base.version, status, transferred_from,
+                                     {t: m["exact_match"] for t, m in metrics.items()}, "", False,
+                                     gate=tags.get("gate", "")))
+        version = self._create_version(model, run_id, files, tags, line)
         record = _adapter_record(name, version, {})  # a new version: no alias points at it yet
-        return self.serve(record) if serve else record
+        record = self.serve(record) if serve else record
+        self._describe(name, versions, record)
+        return record
+
+    def _describe(self, name: str, versions: list[AdapterRecord], changed: AdapterRecord) -> None:
+        """The adapter's page in the UI: every base version side by side, rewritten at every registration.
+        ``versions``: as read before ``changed`` was made or served (its alias moves off the others)."""
+        rows = [r for r in versions if r.model_version != changed.model_version]
+        if changed.serving:
+            rows = [replace(r, serving=False) if r.base_version == changed.base_version else r for r in rows]
+        self.client.update_registered_model(ADAPTER_PREFIX + name, description=adapter_description(name,
+                                                                                                   [*rows, changed]))
 
     def serve(self, record: AdapterRecord) -> AdapterRecord:
         """Point the adapter's on-<base_version> alias at this version."""
@@ -440,6 +460,48 @@ def every_page(search, **query) -> list:
             return found
 
 
+def verdict(record: AdapterRecord) -> str:
+    """A version's one-line verdict: what it is on its base, and why (its description in the UI)."""
+    base = f"{record.base_family}/{record.base_version}"
+    scores = ", ".join(f"{task} {value:.3f}" for task, value in sorted(record.metrics.items()))
+    if record.status == "trained":
+        how = f"trained on {base}"
+    elif record.status == "transferred":
+        how = f"carried over from {record.transferred_from} to {base} unchanged; the gate passed it"
+    elif record.status == "retuned":
+        how = f"carried over from {record.transferred_from} to {base}, failed the gate, re-tuned: it passes"
+    else:
+        reason = record.gate or "failed the gate"
+        how = f"carried over from {record.transferred_from} to {base}, kept unserved: {reason}"
+    return f"{how}. Exact match: {scores or 'none recorded'}"[:DESCRIPTION_CHARS]
+
+
+def adapter_description(name: str, records: list[AdapterRecord]) -> str:
+    """The registered adapter's description, Markdown: one row per version, scores per task side by side."""
+    tasks = sorted({task for record in records for task in record.metrics})
+    rows = [f"Adapter **{name}** on each base version it was carried to, oldest first. Served: the version "
+            "that base's `on-<base version>` alias points at.", "",
+            "| base | version | status | served | " + " | ".join(f"{t} (exact match)" for t in tasks) +
+            " | came from | gate |",
+            "|" + "---|" * (6 + len(tasks))]
+    for r in sorted(records, key=lambda r: int(r.model_version)):
+        came_from = f"trained on {r.trained_on}" if r.status == "trained" else f"carried over from {r.transferred_from}"
+        if r.status == "retuned":
+            came_from += f", re-tuned on {r.base_version}"
+        scores = [f"{r.metrics[t]:.3f}" if t in r.metrics else "" for t in tasks]
+        gate = "" if r.status == "trained" else _cell(r.gate)
+        rows.append(f"| {r.base_family}/{r.base_version} | {r.model_version} | {r.status} | "
+                    f"{'yes' if r.serving else 'no'} | " + " | ".join(scores) + f" | {came_from} | {gate} |")
+    text = "\n".join(rows)
+    return text if len(text) <= DESCRIPTION_CHARS else text[:DESCRIPTION_CHARS - 40] + "\n\n(table cut short)"
+
+
+def _cell(text: str, limit: int = 240) -> str:
+    """``text`` fit for one Markdown table cell."""
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def _adapter_record(name: str, mv, aliases: dict[str, str]) -> AdapterRecord:
     tags = mv.tags
     return AdapterRecord(
@@ -447,7 +509,8 @@ def _adapter_record(name: str, mv, aliases: dict[str, str]) -> AdapterRecord:
         transferred_from=tags.get("transferred_from") or None, model_version=mv.version, run_id=mv.run_id,
         metrics={k.removeprefix("exact_match."): float(v) for k, v in tags.items() if k.startswith("exact_match.")},
         serving=aliases.get(_alias(f"on-{tags['base_version']}")) == mv.version,
-        to_serve=tags.get("serve") == "true", weights_sha256=tags.get("weights_sha256", ""), source=mv.source or "")
+        to_serve=tags.get("serve") == "true", weights_sha256=tags.get("weights_sha256", ""), source=mv.source or "",
+        gate=tags.get("gate", ""), trained_on=tags.get("trained_on", ""))
 
 
 def _flat_metrics(metrics: dict[str, dict]) -> dict[str, float]:

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedDataParallelKwargs
-from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from .adapters import Manifest, adapted_targets, library_versions, save_adapter
@@ -29,6 +28,7 @@ from .data import Example, Task
 from .evaluate import evaluate
 from .methods import MethodConfig, get_method
 from .placement import placed
+from .progress import progress as progress_of
 from .regularisers import attach_regularisers
 from .seeding import Replay, private_dropout, seeded, shared_draws
 
@@ -131,7 +131,7 @@ def train_loop(model, tokenizer, examples: list[Example], config: TrainConfig, p
     # attention dropout, if the base has any, draws from the global generator: hold it while training
     with shared_draws(inner, config.seed):
         try:
-            with tqdm(range(config.steps), desc="train", unit="step", disable=not progress, leave=False) as bar:
+            with progress_of(range(config.steps), "train", enabled=progress) as bar:
                 for step in bar:
                     rates.append(scheduler.get_last_lr()[0])
                     step_loss = 0.0

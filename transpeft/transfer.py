@@ -22,13 +22,13 @@ import torch
 from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from .adapters import WEIGHTS_NAME, AdapterFileError, Manifest, read_manifest
 from .bases import BaseInfo
 from .data import Task
 from .evaluate import Metrics, evaluate, evaluate_routed
 from .methods import get_method
+from .progress import progress as progress_of
 from .regularisers import linear_shape
 
 
@@ -233,7 +233,7 @@ def evaluate_adapters(model: nn.Module, tokenizer, base: BaseInfo, adapter_dirs,
     """
     results, jobs = {}, {}
     folders = list(adapter_dirs)
-    for directory in tqdm(folders, desc="read", unit="adapter", disable=not progress, leave=False):
+    for directory in progress_of(folders, "read", unit="adapter", enabled=progress):
         try:
             manifest = read_manifest(directory)
         except AdapterFileError as e:

@@ -32,11 +32,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from transpeft.demo.tokenizer import demo_tokenizer
 from transpeft.demo.world import PRETRAIN_FORMATS, VERSIONS, pretraining_line, world
+from transpeft.progress import progress as progress_of
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ def pretrain(model: LlamaForCausalLM, rows: torch.Tensor, p: Profile, steps: int
     opt = torch.optim.AdamW(_param_groups(model, attention_lr), lr=peak_lr, betas=(0.9, 0.95), weight_decay=0.01)
     model.train()
     loss = torch.tensor(float("nan"))
-    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    bar = progress_of(range(steps), desc, enabled=progress)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, steps, peak_lr) * group["scale"]
@@ -187,8 +187,10 @@ def similarity_summary(rows: list[dict]) -> dict:
             "ffn": round(sum(r["ffn"] for r in rows) / len(rows), 4), "layers": rows}
 
 
-def build_demo_family(out: Path, profile: str = "demo", progress: bool = True, quick: bool = False) -> dict:
-    """Build ``out/v1``, ``out/v2``, ``out/v3`` and ``out/family.json``; returns family.json's content."""
+def build_demo_family(out: Path, profile: str = "demo", progress: bool = True, quick: bool = False,
+                      name: str | None = None) -> dict:
+    """Build ``out/v1``, ``out/v2``, ``out/v3`` and ``out/family.json``; returns family.json's content.
+    ``name``: the family's, which its versions register as (default: ``out``'s folder name)."""
     from transpeft.drift import activation_similarity
 
     if profile not in PROFILES:
@@ -202,8 +204,8 @@ def build_demo_family(out: Path, profile: str = "demo", progress: bool = True, q
     tokenizer = demo_tokenizer()
     config = model_config(p, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
     model = LlamaForCausalLM(config).to(device)
-    family = {"profile": profile, "quick": quick, "settings": asdict(p), "versions": {}, "drift": {},
-              "similarity": {}}
+    family = {"family": name or out.resolve().name, "profile": profile, "quick": quick, "settings": asdict(p),
+              "versions": {}, "drift": {}, "similarity": {}}
     probe = task_inputs()
     snapshots: dict[str, LlamaForCausalLM] = {}
     for i, version in enumerate(VERSIONS):
@@ -235,7 +237,7 @@ def build_demo_family(out: Path, profile: str = "demo", progress: bool = True, q
     return family
 
 
-def ensure_demo_family(out: Path, profile: str, quick: bool = False, say=print) -> dict:
+def ensure_demo_family(out: Path, profile: str, quick: bool = False, say=print, name: str | None = None) -> dict:
     """The family under ``out``, built unless ``family.json`` says it already is this profile's."""
     meta = Path(out) / "family.json"
     if meta.is_file():
@@ -243,4 +245,4 @@ def ensure_demo_family(out: Path, profile: str, quick: bool = False, say=print) 
         if family.get("profile") == profile and family.get("quick", False) == quick:
             return family
     say(f"building the {profile} demo family into {out}{' (quick)' if quick else ''}")
-    return build_demo_family(Path(out), profile, progress=True, quick=quick)
+    return build_demo_family(Path(out), profile, progress=True, quick=quick, name=name)

@@ -18,7 +18,7 @@ def main() -> int:
     params = load_params().bases
     BASES.mkdir(parents=True, exist_ok=True)
     if params.is_demo:
-        family = build_demo_family(BASES, profile=params.profile)
+        family = build_demo_family(BASES, profile=params.profile, name=params.family)
         print(f"built the demo family ({params.profile}) in {BASES}: drift {family['drift']}")
     else:
         missing = [v for v in params.versions if v not in params.sources]

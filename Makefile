@@ -32,15 +32,16 @@ demo-and-serve: demo
 study: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro study
 
-# The fault suite runs beside the rest, its output printed after it: most of its time is spent waiting
-# (a minute of silence before Prefect marks a killed run Crashed, a server's outage, MLflow's retry
-# backoff) while the rest computes, so the two together take little more than the rest alone.
+# The fault suite, the story and the stack's restarts run beside the rest, their output printed after
+# it: most of their time is spent waiting (a minute of silence before Prefect marks a killed run
+# Crashed, a server's outage, MLflow's retry backoff, flow runs polled) while the rest computes.
 FAULTS_LOG := $(or $(TMPDIR),/tmp)/transpeft-faults-$(shell echo $$PPID).log
+BESIDE := tests/faults tests/test_story.py tests/test_stack.py
 test: install
-	@$(PY) -m pytest tests/faults --basetemp="$(FAULTS_LOG).tmp" > "$(FAULTS_LOG)" 2>&1 & faults=$$!; \
-	$(PY) -m pytest --ignore=tests/faults; rest=$$?; \
+	@$(PY) -m pytest $(BESIDE) --basetemp="$(FAULTS_LOG).tmp" > "$(FAULTS_LOG)" 2>&1 & faults=$$!; \
+	$(PY) -m pytest $(addprefix --ignore=,$(BESIDE)); rest=$$?; \
 	wait $$faults; fault_status=$$?; \
-	echo; echo "== the fault-injection suite (tests/faults), run beside the rest:"; cat "$(FAULTS_LOG)"; \
+	echo; echo "== $(BESIDE), run beside the rest:"; cat "$(FAULTS_LOG)"; \
 	rm -rf "$(FAULTS_LOG)" "$(FAULTS_LOG).tmp"; \
 	exit $$(( rest || fault_status ))
 

@@ -6,6 +6,7 @@ auth string. About 4 minutes."""
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import secrets
@@ -15,6 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import browser
 import pytest
 import yaml
 from servers import free_port
@@ -95,6 +97,20 @@ def test_the_story_revalidates_v2_and_v3_by_itself_and_reports_every_arm(project
         (v, "done with failures" if v in flagged else "done") for v in ("v1", "v2", "v3")]
     assert fleet == {f"{task}-{run}": {"v1", "v2", "v3"} for task in ("reverse", "add")
                      for run in ("plain-v1", "transpeft-v1")}
+
+    # The review at a glance, in a real browser: one adapter's page in the MLflow UI puts its scores on
+    # v1, v2 and v3 in one table (its description, rewritten at every registration).
+    assert browser.chromium(), "this test needs Chromium: apt-get install chromium (.ci/run installs it)"
+    name, versions = "reverse-transpeft-v1", registry.adapter_versions("reverse-transpeft-v1")
+    login = base64.b64encode(f"admin:{os.environ['MLFLOW_TRACKING_PASSWORD']}".encode()).decode()
+    shot = Path(os.environ.get("TRANSPEFT_SCREENSHOT") or project / "adapter_page.png")
+    text = browser.render(f"{os.environ['MLFLOW_TRACKING_URI']}/#/models/adapter-{name}", shot,
+                          headers={"Authorization": f"Basic {login}"}, wait_for="demo/v3\t")
+    rows = [line.split("\t") for line in text.splitlines() if line.startswith("demo/v")]
+    assert [row[:4] for row in rows] == [[f"demo/{r.base_version}", r.model_version, r.status,
+                                          "yes" if r.serving else "no"] for r in versions], text
+    assert [f"{r.metrics['reverse']:.3f}" in row for r, row in zip(versions, rows)] == [True] * 3, text
+    assert shot.stat().st_size > 20_000
 
     report = (project / "report" / "report.md").read_text()
     for version in ("v2", "v3"):

@@ -66,6 +66,29 @@ def test_cuda_without_a_gpu_says_so_before_loading_anything(saved_base):
         load_base(BaseRef(str(saved_base)), Placement(device="cuda"))
 
 
+def test_bases_loaded_by_threads_at_once_leave_the_default_dtype_and_a_new_adapter_alone(saved_base):
+    """transformers sets torch's process-wide default dtype while it builds a model: without one load at a
+    time, two bf16 loads at once can leave it bf16, and a LoRA layer made meanwhile is made bf16."""
+    from peft import LoraConfig, get_peft_model
+
+    from transpeft.bases import BUILDING
+
+    ref = BaseRef(str(saved_base), family="tiny", version="v1")
+
+    def make_lora() -> torch.dtype:
+        with BUILDING:  # as transfer.load_adapter and train_adapter make adapters
+            adapted = get_peft_model(tiny_model(), LoraConfig(r=2, target_modules=["q_proj"]))
+        return next(p.dtype for n, p in adapted.named_parameters() if "lora_A" in n)
+
+    for _ in range(3):
+        with ThreadPoolExecutor(4) as pool:
+            loads = [pool.submit(load_base, ref, Placement("cpu", "bf16")) for _ in range(3)]
+            lora = pool.submit(make_lora)
+            assert all(next(f.result()[0].parameters()).dtype == torch.bfloat16 for f in loads)
+            assert lora.result() == torch.float32
+        assert torch.get_default_dtype() == torch.float32
+
+
 def test_bf16_loads_bf16_weights_under_the_same_fingerprint(saved_base):
     fp32, _, info32 = load_base(BaseRef(str(saved_base)), Placement(device="cpu", dtype="fp32"))
     bf16, _, info16 = load_base(BaseRef(str(saved_base)), Placement(device="cpu", dtype="bf16"))

@@ -30,6 +30,13 @@ _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torc
 FAMILY_RECORD = "family.json"  # beside a family's version folders: {"family": "<name>", ...}
 
 
+# transformers builds a model under torch's process-wide default dtype, set to the model's dtype and
+# restored after. Two threads loading at once can leave it bf16 for good, and an adapter layer made
+# meanwhile takes the wrong dtype ("expected m1 and m2 to have the same dtype" on scoring). So bases
+# load, and adapters are made, one at a time per process.
+BUILDING = threading.RLock()
+
+
 class BaseLoadError(RuntimeError):
     """A base that cannot be found or loaded."""
 
@@ -225,9 +232,10 @@ def load_base(ref: BaseRef, placement: Placement = Placement()):
     config, tokenizer, info = describe_base(ref)
     device, dtype = placement.resolve(config)
     try:
-        model = AutoModelForCausalLM.from_pretrained(  # an absolute path: adapters record it as their base
-            info.source, revision=ref.revision, dtype=dtype, use_safetensors=True,
-            device_map=None if device.type == "cpu" else device)  # straight onto the GPU, no CPU copy
+        with BUILDING:
+            model = AutoModelForCausalLM.from_pretrained(  # an absolute path: adapters record it as their base
+                info.source, revision=ref.revision, dtype=dtype, use_safetensors=True,
+                device_map=None if device.type == "cpu" else device)  # straight onto the GPU, no CPU copy
     except (OSError, ValueError) as e:
         raise BaseLoadError(f"could not load base {ref.source!r}"
                             f"{f' at revision {ref.revision}' if ref.revision else ''}: {e}") from e

@@ -21,7 +21,7 @@ from accelerate.utils import DistributedDataParallelKwargs
 from transformers import get_cosine_schedule_with_warmup
 
 from .adapters import Manifest, adapted_targets, library_versions, save_adapter
-from .bases import BaseInfo
+from .bases import BUILDING, BaseInfo
 from .batching import collate, encode, fit_length, special_ids
 from .config import TrainConfig  # defined with the other configuration models; imported from here too
 from .data import Example, Task
@@ -196,7 +196,7 @@ def train_adapter(base_model, tokenizer, base: BaseInfo, tasks: list[Task], meth
     Returns (adapted model, manifest, train result). The base model is wrapped in place; unload
     the adapter with ``transfer.unload_adapter`` to reuse the base.
     """
-    with seeded(config.seed):  # the adapter's initial weights come from this seed, whatever other threads do
+    with seeded(config.seed), BUILDING:  # its initial weights from this seed, whatever other threads do
         if warm_start is None:
             model = get_method(method.name).attach(base_model, method)
         else:

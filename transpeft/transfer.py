@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .adapters import WEIGHTS_NAME, AdapterFileError, Manifest, read_manifest
-from .bases import BaseInfo
+from .bases import BUILDING, BaseInfo
 from .data import Task
 from .evaluate import Metrics, evaluate, evaluate_routed
 from .methods import get_method
@@ -117,10 +117,12 @@ def load_adapter(model: nn.Module, base: BaseInfo, directory: str | Path, manife
 
     try:
         if adapter_name is None:
-            adapted = method.load(model, directory)
+            with BUILDING:
+                adapted = method.load(model, directory)
         else:  # PeftModel.load_adapter, which from_pretrained itself calls (not transformers' DoRA-unsafe one);
             # it reads adapter_model.safetensors, which read_manifest required and checked above
-            model.load_adapter(str(directory), adapter_name=adapter_name)
+            with BUILDING:
+                model.load_adapter(str(directory), adapter_name=adapter_name)
             adapted = model
     except Exception as e:
         if adapter_name is not None:

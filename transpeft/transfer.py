@@ -116,14 +116,13 @@ def load_adapter(model: nn.Module, base: BaseInfo, directory: str | Path, manife
             adapted.delete_adapter(adapter_name)
 
     try:
-        if adapter_name is None:
-            with BUILDING:
+        with BUILDING:  # an adapter's layers are made under torch's default dtype: see bases.BUILDING
+            if adapter_name is None:
                 adapted = method.load(model, directory)
-        else:  # PeftModel.load_adapter, which from_pretrained itself calls (not transformers' DoRA-unsafe one);
-            # it reads adapter_model.safetensors, which read_manifest required and checked above
-            with BUILDING:
+            else:  # PeftModel.load_adapter, which from_pretrained itself calls (not transformers' DoRA-unsafe
+                # one); it reads adapter_model.safetensors, which read_manifest required and checked above
                 model.load_adapter(str(directory), adapter_name=adapter_name)
-            adapted = model
+                adapted = model
     except Exception as e:
         if adapter_name is not None:
             take_out(model)

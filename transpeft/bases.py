@@ -19,9 +19,9 @@ from types import SimpleNamespace
 import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-from transformers.utils import logging as hf_logging
 
 from .placement import Placement
+from .progress import without_library_bars
 
 # Config fields that say where or how a model was saved, not what it computes.
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures"}
@@ -228,7 +228,7 @@ def describe_base(ref: BaseRef):
 def load_base(ref: BaseRef, placement: Placement = Placement()):
     """(model, tokenizer, BaseInfo) for a base, its weights (only from safetensors) on the placement's
     device in its dtype, ready for evaluation."""
-    hf_logging.disable_progress_bar()  # a per-tensor bar for a small model is noise; ours show the long steps
+    without_library_bars()
     config, tokenizer, info = describe_base(ref)
     device, dtype = placement.resolve(config)
     try:

@@ -15,6 +15,7 @@ import time
 from typing import Iterable
 
 from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
 EVERY_S = 10.0  # at most this long between two lines, whatever the share done
 
@@ -26,6 +27,13 @@ def progress(iterable: Iterable, desc: str, unit: str = "step", enabled: bool = 
     if not enabled or sys.stderr.isatty():
         return tqdm(iterable, desc=desc, unit=unit, total=total, disable=not enabled, leave=False)
     return Lines(iterable, desc, unit, total)
+
+
+def without_library_bars():
+    """Turns off transformers' own bars: one over the tensors of every model loaded, one over the shards of
+    every model saved. They last a fraction of a second here and, outside a terminal, leave a frame per
+    tensor in the log; the long steps have bars of their own, from ``progress``."""
+    hf_logging.disable_progress_bar()
 
 
 class Lines:

@@ -36,7 +36,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from transpeft.demo.tokenizer import demo_tokenizer
 from transpeft.demo.world import PRETRAIN_FORMATS, VERSIONS, pretraining_line, world
-from transpeft.progress import progress as progress_of
+from transpeft.progress import progress as progress_of, without_library_bars
 
 
 @dataclass(frozen=True)
@@ -207,6 +207,7 @@ def build_demo_family(out: Path, profile: str = "demo", progress: bool = True, q
     family = {"family": name or out.resolve().name, "profile": profile, "quick": quick, "settings": asdict(p),
               "versions": {}, "drift": {}, "similarity": {}}
     probe = task_inputs()
+    without_library_bars()  # the saves below would draw one each
     snapshots: dict[str, LlamaForCausalLM] = {}
     for i, version in enumerate(VERSIONS):
         start = time.perf_counter()

@@ -19,24 +19,45 @@ ARG BASE=python:3.11-slim-bookworm
 FROM ${BASE}
 
 # make and git run the README's steps (DVC versions the data in the repository's git); python3-venv
-# for the ubuntu-based GPU image. Not pinned: the base image
-# (Debian or Ubuntu, a build argument) decides which versions exist, and these are plain tools.
+# for a Debian or Ubuntu base without Python's image (the GPU one, or bench/image.py's debootstrapped
+# one); ca-certificates for PyPI. Not pinned: the base image decides which versions exist, and these
+# are plain tools.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends make git python3 python3-venv \
+    && apt-get install -y --no-install-recommends make git python3 python3-venv ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /transpeft
 COPY . .
 
+# Certificate authorities the build host adds to Debian's own (/usr/local/share/ca-certificates: a
+# TLS-inspecting proxy's, for one): bench/bench_image.py copies them into .image-certs/, which git
+# ignores. pip and uv then trust Debian's bundle, with them, instead of the bundles they carry.
+RUN if [ -d .image-certs ]; then cp .image-certs/*.crt /usr/local/share/ca-certificates/ && update-ca-certificates; fi
+
 ARG TORCH_INDEX_URL=""
-ENV HF_HUB_OFFLINE=1 \
+# Where pip finds wheels besides its index, as PIP_FIND_LINKS: bench/image.py serves the machine's CPU
+# torch wheel to the build on loopback, where pip would otherwise pull the CUDA build from PyPI.
+ARG PIP_FIND_LINKS
+ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
+    SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
+    HF_HUB_OFFLINE=1 \
     PREFECT_SERVER_ANALYTICS_ENABLED=false \
     MLFLOW_DISABLE_TELEMETRY=true \
     DVC_NO_ANALYTICS=1 \
     TRANSPEFT_BIND_HOST=0.0.0.0 \
     MLFLOW_HOST=0.0.0.0
 RUN make install TORCH_INDEX_URL="${TORCH_INDEX_URL}"
+
+# `make test` also needs PostgreSQL (the at-scale stack) and Chromium (the MLflow UI checked in a
+# browser): --build-arg TEST_TOOLS=1 adds them, on top of the same layers as the image that serves.
+ARG TEST_TOOLS=""
+# hadolint ignore=DL3008
+RUN if [ -n "${TEST_TOOLS}" ]; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends postgresql chromium \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
 
 EXPOSE 4200 5000
 CMD ["make", "demo-and-serve"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from prefect import task
 
-from transpeft.bases import BaseRef, lend_base
+from transpeft.bases import BaseRef, lend_base, lend_beside
 from transpeft.params import Gate
 from transpeft.placement import Placement
 from transpeft.revalidate import (Candidate, Outcome, Plan, Summary, close_revalidation, open_revalidation, plan,
@@ -38,16 +38,18 @@ def fetch_adapter(uri: str, candidate: Candidate, workdir: str) -> str:
 @task(**CRASH, task_run_name="judge {candidate.name}")
 def judge_adapter(adapter_dir: str, candidate: Candidate, target: BaseRecord, data_dir: str, gate: Gate,
                   workdir: str, placement: Placement = Placement()) -> Outcome:
-    """Transfer, evaluate, gate, and re-tune or flag one adapter.
+    """Transfer, evaluate and gate one adapter, trying the gate's strategies in turn, or flag it.
 
     A bad adapter, a mismatch or a diverged re-tune is an outcome; what raises is a crash (out of
     memory, a runtime error), retried, then reported as crashed for the reconciler.
     """
     ref = BaseRef(target.source, target.revision, target.family, target.version)
+    old = candidate.source_base
+    teacher = (lambda: lend_beside(old, placement)) if old is not None else None
     try:
         with lend_base(ref, target.fingerprint, placement) as slot:  # an exception drops the lent instance
             outcome = revalidate(slot, Path(adapter_dir), candidate, Path(data_dir), gate,
-                                 Path(workdir) / candidate.name)
+                                 Path(workdir) / candidate.name, teacher=teacher)
     except torch.OutOfMemoryError:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the retry starts from the memory this attempt held

@@ -33,7 +33,7 @@ from transpeft.train import TrainingDiverged
 
 pytestmark = pytest.mark.server
 
-GATE_PASS_ALL = {"min_retention": 0.0, "min_score": 0.0, "beat_zero_shot": False, "on_fail": "flag",
+GATE_PASS_ALL = {"min_retention": 0.0, "min_score": 0.0, "beat_zero_shot": False, "strategies": ["direct"],
                  "retune_steps": 20}
 GATE_FAIL_ALL = {**GATE_PASS_ALL, "min_score": 1.01}
 
@@ -275,3 +275,33 @@ def test_transfer_track_and_the_flow_write_the_same_record(project, mlflow_serve
     by_cli, by_flow = record("twin-cli"), record("twin-flow")
     assert by_cli == by_flow
     assert by_cli[0] == "transferred" and by_cli[7]["decision"] == "passed" and "zero_shot.reverse" in by_cli[8]
+
+
+def test_an_adapter_the_gate_fails_as_transferred_is_distilled_from_its_old_base_without_labels(project, mlflow_server,
+                                                                                                 tmp_path):
+    """gate.strategies [distill]: the flow lends the old base beside the new one, as distillation's teacher; the
+    registry records which strategy carried the adapter and that it used no labels."""
+    from transpeft.bases import describe_base
+
+    registry = Registry(mlflow_server.url)
+    gate = {**GATE_PASS_ALL, "strategies": ["distill"], "distill_steps": 5, "prompts_per_task": 16}
+    params = write_params(project, mlflow_server.url, gate, "distill.yaml")
+    pupil = {v: describe_base(BaseRef(str(project / "bases" / v), family="pupil"))[2] for v in ("v1", "v2")}
+    registry.register_base(pupil["v1"])
+    registry.register_base(pupil["v2"], parent="v1")
+    files = registry.download_adapter(registry.adapter_versions("sort-tp-v1")[0], tmp_path / "download")
+    manifest = read_manifest(files)
+    run = registry.log_training("pupil-sort", files, manifest)
+    registry.register_adapter("pupil-sort", files, pupil["v1"], "trained", manifest.metrics, run)
+
+    summary = transfer_on_base_update("pupil", "v2", str(project / "data"), params)
+    assert (summary["distilled"], summary["flagged"], summary["failed"]) == (1, 0, 0), summary
+    (on_v2,) = [r for r in registry.adapter_versions("pupil-sort") if r.base_version == "v2"]
+    assert on_v2.status == "distilled" and on_v2.serving and on_v2.used == "16 prompts"
+    tags = registry.adapter_tags(on_v2)
+    assert (tags["strategy"], tags["labels"], tags["strategy_steps"]) == ("distill", "false", "5")
+    assert on_v2.run_id == tags["revalidation_run"]  # new files, stored in the run that made them
+    made = read_manifest(registry.download_adapter(on_v2, tmp_path / "distilled"))
+    assert made.base.version == "v2" and made.training["strategy"] == "distill"
+    assert "distilled from the old base on v2 (used 16 prompts)" in registry.client.get_registered_model(
+        "adapter-pupil-sort").description

@@ -20,7 +20,7 @@ from transpeft.revalidate import Candidate, judge, revalidate
 from transpeft.tracking import AdapterRecord
 from transpeft.train import TrainConfig, train_adapter
 
-GATE = Gate(min_retention=0.8, min_score=0.5, beat_zero_shot=True, on_fail="retune", retune_steps=30)
+GATE = Gate(min_retention=0.8, min_score=0.5, beat_zero_shot=True, strategies=("direct", "retune"), retune_steps=30)
 
 
 def test_gate_passes_only_when_every_rule_holds_on_every_task():
@@ -65,7 +65,7 @@ def test_failing_adapter_is_retuned_from_its_transferred_weights(trained):
                          trained.root / "work")
     assert outcome.decision == "retuned"
     assert outcome.new == {"ack": 0.0} and outcome.zero_shot == {"ack": 0.0} and outcome.retuned == {"ack": 1.0}
-    assert outcome.reasons[-1] == "re-tuned for 30 steps: passes"
+    assert outcome.reasons[-1] == "retune: passes (used 32 labels, 30 steps)" and outcome.strategy == "retune"
     retuned = read_manifest(outcome.adapter_dir)
     assert retuned.base.version == "v2" and retuned.training["steps"] == 30
     assert (retuned.p_c, retuned.p_i) == (GATE.retune_p_c, GATE.retune_p_i)  # Trans-PEFT again
@@ -94,7 +94,7 @@ def test_a_bf16_base_is_scored_and_retuned_in_bf16(trained):
 def test_flag_policy_keeps_the_transferred_adapter_unchanged(trained):
     slot = new_base(trained)
     outcome = revalidate(slot, trained.root / "adapter", trained.candidate, trained.root / "data",
-                         replace(GATE, on_fail="flag"), trained.root / "work-flag")
+                         replace(GATE, strategies=("direct",)), trained.root / "work-flag")
     assert outcome.decision == "flagged" and outcome.retuned is None and "retune" not in outcome.seconds
     assert outcome.adapter_dir == str(trained.root / "adapter")
     assert lora_layers(slot.model) == 0

@@ -164,7 +164,7 @@ def test_defaults_of_params_library_and_cli_are_the_committed_studys_choice():
     chosen = json.loads((root / "study/summary.json").read_text())["defaults"]
     assert (defaults.P_C, defaults.P_I, defaults.RETUNE_STEPS) == (chosen["p_c"], chosen["p_i"], chosen["retune_steps"])
     assert (TrainConfig().p_c, TrainConfig().p_i) == (chosen["p_c"], chosen["p_i"])
-    gate = Gate(min_retention=0.8, min_score=0.5, beat_zero_shot=True, on_fail="retune")
+    gate = Gate(min_retention=0.8, min_score=0.5, beat_zero_shot=True, strategies=("direct", "retune"))
     assert (gate.retune_steps, gate.retune_p_c, gate.retune_p_i) == (chosen["retune_steps"], chosen["p_c"], chosen["p_i"])
 
     params = load_params(root / "params.yaml")

@@ -136,7 +136,7 @@ def test_carrying_folders_over_makes_one_parent_run_a_child_per_adapter_and_a_re
     folders = [tmp_path / "good", tmp_path / "broken"]
     plan = plan_folders(v2, folders)
     parent = open_revalidation(registry, v2, plan)
-    gate = Gate(min_retention=0.0, min_score=0.0, beat_zero_shot=False, on_fail="flag")
+    gate = Gate(min_retention=0.0, min_score=0.0, beat_zero_shot=False, strategies=("direct",))
     outcomes = [revalidate(slot, f, c, family / "data", gate, tmp_path) for f, c in zip(folders, plan.candidates)]
     assert [o.decision for o in outcomes] == ["passed", "failed"] and "incomplete" in outcomes[1].reasons[0]
     for outcome in outcomes:
@@ -216,7 +216,9 @@ def test_an_adapters_description_puts_every_base_version_side_by_side():
             AdapterRecord("faq", "demo", "v2", "retuned", "v1", {"sort": 0.85}, "2", True, trained_on="v2",
                           gate="sort: retention 0.52 | below 0.9; re-tuned for 40 steps: passes"),
             AdapterRecord("faq", "demo", "v3", "failed-gate", "v2", {"sort": 0.2, "reverse": 0.1}, "3", False,
-                          gate="sort: retention 0.24")]
+                          gate="sort: retention 0.24"),
+            AdapterRecord("faq", "demo", "v4", "distilled", "v3", {"sort": 0.8}, "4", True, trained_on="v4",
+                          gate="sort: retention 0.3; distill: passes", used="512 prompts")]
     table = adapter_description("faq", rows).splitlines()
     assert table[2] == ("| base | version | status | served | reverse (exact match) | sort (exact match) | came from "
                         "| gate |")
@@ -224,11 +226,15 @@ def test_an_adapters_description_puts_every_base_version_side_by_side():
         "| demo/v1 | 1 | trained | yes | 0.800 | 0.900 | trained on v1 |  |",
         "| demo/v2 | 2 | retuned | yes |  | 0.850 | carried over from v1, re-tuned on v2 | sort: retention 0.52 \\| "
         "below 0.9; re-tuned for 40 steps: passes |",
-        "| demo/v3 | 3 | failed-gate | no | 0.100 | 0.200 | carried over from v2 | sort: retention 0.24 |"]
+        "| demo/v3 | 3 | failed-gate | no | 0.100 | 0.200 | carried over from v2 | sort: retention 0.24 |",
+        "| demo/v4 | 4 | distilled | yes |  | 0.800 | carried over from v3, distilled from the old base on v4 (used "
+        "512 prompts) | sort: retention 0.3; distill: passes |"]
     assert [verdict(r) for r in rows] == [
         "trained on demo/v1. Exact match: reverse 0.800, sort 0.900",
         "carried over from v1 to demo/v2, failed the gate, re-tuned: it passes. Exact match: sort 0.850",
-        "carried over from v2 to demo/v3, kept unserved: sort: retention 0.24. Exact match: reverse 0.100, sort 0.200"]
+        "carried over from v2 to demo/v3, kept unserved: sort: retention 0.24. Exact match: reverse 0.100, sort 0.200",
+        "carried over from v3 to demo/v4, failed the gate, distilled from the old base (used 512 prompts): it passes. "
+        "Exact match: sort 0.800"]
     many = adapter_description("faq", [replace(rows[2], model_version=str(i), gate="x" * 240) for i in range(60)])
     assert len(many) <= 5000 and many.endswith("(table cut short)")
 

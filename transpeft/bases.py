@@ -263,10 +263,12 @@ class BaseLender:
         self._slots = threading.BoundedSemaphore(slots) if slots else None
 
     @contextmanager
-    def borrow(self, ref: BaseRef, fingerprint: str | None = None, placement: Placement = Placement()):
+    def borrow(self, ref: BaseRef, fingerprint: str | None = None, placement: Placement = Placement(),
+               beside: bool = False):
         """An instance of the base on ``placement``; with ``fingerprint``, only if the weights are
-        still the registered ones."""
-        slots = self._slots
+        still the registered ones. ``beside``: for a borrower that holds a slot already (distillation's
+        old base, beside the new one), so it takes none of the limit's: it would wait on itself."""
+        slots = None if beside else self._slots
         if slots is not None:
             slots.acquire()
         try:
@@ -300,9 +302,16 @@ class BaseLender:
 _LENDER = BaseLender()  # one per process: Prefect threads share it, each Dask worker process has its own
 
 
-def lend_base(ref: BaseRef, fingerprint: str | None = None, placement: Placement = Placement()):
+def lend_base(ref: BaseRef, fingerprint: str | None = None, placement: Placement = Placement(), beside: bool = False):
     """This process's lender's ``borrow``: ``with lend_base(ref) as slot: slot.model ...``."""
-    return _LENDER.borrow(ref, fingerprint, placement)
+    return _LENDER.borrow(ref, fingerprint, placement, beside)
+
+
+def lend_beside(base, placement: Placement = Placement()):
+    """A second base for a borrower already holding a slot: distillation's teacher, from a registry
+    ``BaseRecord`` or an adapter's ``BaseInfo``; loaded once per slot and lent again like any other."""
+    return lend_base(BaseRef(base.source, base.revision, base.family, base.version), base.fingerprint, placement,
+                     beside=True)
 
 
 def limit_lent_bases(slots: int | None) -> None:

@@ -203,7 +203,8 @@ def cmd_transfer(args) -> int:
     from .transfer import evaluate_adapters
 
     registry = _registry(args)
-    gate = replace(_gate(args.params), on_fail="flag")  # re-tuning is the revalidation flow's, not this command's
+    # judged as transferred: carrying a failing adapter some other way is the revalidation flow's, not this command's
+    gate = replace(_gate(args.params), strategies=("direct",))
     folders = [Path(a) for a in args.adapters]
     old, old_label = None, "recorded at training"
     if args.source:

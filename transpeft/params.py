@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import Field, TypeAdapter, ValidationError, field_validator
+from pydantic_core import ArgsKwargs
+from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from . import defaults
-from .config import (Count, Invalid, MethodConfig, Probability, Real, StudyConfig, TrainConfig, config, describe,
-                     nonempty, rule)
+from .config import (Count, Invalid, MethodConfig, PositiveReal, Probability, Real, StudyConfig, TrainConfig, config,
+                     describe, nonempty, rule)
 from .placement import Placement
 
 # The DVC pipeline's layout under the project root: what dvc.yaml's stages write (transpeft/stages/).
@@ -88,16 +89,39 @@ class Train:
         return replace(self.schedule, p_c=spec.p_c, p_i=spec.p_i)
 
 
+# Ways to carry an adapter over, in transpeft/strategies.py; named here so params.yaml loads without torch.
+Strategy = Literal["direct", "scaled", "distill", "retune"]
+
+
 @config
 class Gate:
     # The defaults are the shipped params.yaml's; `transpeft transfer` outside a project judges by them.
     min_retention: Real = 0.8  # new-base metric / old-base metric
     min_score: Real = 0.5  # absolute exact match on the new base
     beat_zero_shot: bool = True  # must beat the new base without any adapter
-    on_fail: Literal["retune", "flag"] = "retune"
+    # Tried in this order until one carries the adapter past the gate; one that none carries is flagged.
+    strategies: Annotated[tuple[Strategy, ...], nonempty("list at least direct")] = ("direct", "retune")
     retune_steps: Count = defaults.RETUNE_STEPS
     retune_p_c: Probability = defaults.P_C  # re-tuning is Trans-PEFT again, so the adapter stays transferable
     retune_p_i: Probability = defaults.P_I
+    # scaled: the share of each task's eval rows kept from the gate to pick alpha on, and the alphas tried
+    held_out: Annotated[Real, rule("in (0, 1)", lambda x: 0 < x < 1)] = 0.25
+    alphas: Annotated[tuple[PositiveReal, ...], nonempty("list the scales to try, e.g. [0.5, 1.5]")] = (
+        0.25, 0.5, 0.75, 1.25, 1.5, 2.0)
+    # distill: optimizer steps, where its prompts come from, how many per task, and seed rows for synthetic ones
+    distill_steps: Count = defaults.RETUNE_STEPS
+    prompts: Literal["stored", "synthetic"] = "stored"
+    prompts_per_task: Count = 256
+    seed_examples: Annotated[int, rule("in [1, 8]", lambda n: 1 <= n <= 8)] = 8
+
+    @model_validator(mode="before")
+    @classmethod
+    def _on_fail_is_gone(cls, values):
+        given = values.kwargs or {} if isinstance(values, ArgsKwargs) else values  # a dataclass's arguments
+        if isinstance(given, dict) and "on_fail" in given:
+            raise Invalid("on_fail is now strategies, the ways tried in order: on_fail: retune is "
+                          "strategies: [direct, retune], on_fail: flag is strategies: [direct]")
+        return values
 
 
 @config

@@ -73,12 +73,14 @@ def write_decisions(outcomes: list, out: Path, title: str) -> Path:
         return "-" if values is None else ", ".join(f"{t} {100 * v:.1f}" for t, v in sorted(values.items()))
 
     lines = [f"# {title}", "", "Exact match (%) per task: on the old base (registry), transferred to the new "
-             "base, the new base alone (zero-shot), and after re-tuning.", "",
-             "| adapter | from | decision | old | new | zero-shot | re-tuned | why |", "|---|---|---|---|---|---|---|---|"]
+             "base, the new base alone (zero-shot), and as made anew by the strategy that carried it "
+             "(scaled, distilled or re-tuned; `labels`: whether that used the task's labelled rows).", "",
+             "| adapter | from | decision | old | new | zero-shot | made anew | carried by | labels | why |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for o in sorted(outcomes, key=lambda o: o.adapter):
         why = "; ".join(o.reasons).replace("|", "/") or "-"
         lines.append(f"| {o.adapter} | {o.source_version} | **{o.decision}** | {scores(o.old)} | {scores(o.new)} "
-                     f"| {scores(o.zero_shot)} | {scores(o.retuned)} | {why} |")
+                     f"| {scores(o.zero_shot)} | {scores(o.retuned)} | {o.strategy or '-'} | {o.labels} | {why} |")
     out.mkdir(parents=True, exist_ok=True)
     path = out / "gate_decisions.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -17,34 +17,37 @@ task of the adapter:
     score       new exact match                                    >= gate.min_score
     zero-shot   new exact match > the new base's own, no adapter      (when gate.beat_zero_shot)
 
-A passing adapter is served on the new base as it is. A failing one is re-tuned (warm start from
-its transferred weights, Trans-PEFT again, ``gate.retune_steps`` steps) and judged again, or
-flagged, as ``gate.on_fail`` says. Decisions: passed, retuned, flagged (kept unserved, also when
-re-tuning diverged), failed (could not be evaluated: incompatible base, unreadable files, missing data).
+An adapter that passes as transferred is served on the new base as it is. One that fails is
+carried over by the gate's next strategy (``gate.strategies``, transpeft/strategies.py: scaled,
+distill, retune), each judged in turn, until one passes; one that none carries is flagged. Decisions:
+passed, scaled, distilled, retuned, flagged (kept unserved, also when a re-tune diverged), failed
+(could not be evaluated: incompatible base, unreadable files, missing data).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .adapters import AdapterFileError, Manifest, read_manifest
 from .bases import BaseInfo
-from .data import DataError, Task, load_tasks
+from .data import DataError, Example, Task, load_tasks
 from .evaluate import evaluate
 from .params import Gate
 from .placement import placed
 from .report import registry_matrix, write_decisions, write_report
 from .tracking import AdapterRecord, BaseRecord, NotRegistered, Registry, adapter_name
-from .train import TrainConfig, TrainingDiverged, train_adapter
-from .transfer import IncompatibleBase, score_adapter, unload_adapter
+from .strategies import STRATEGIES, Means, direct, split_eval
+from .transfer import IncompatibleBase
 
-DECISIONS = ("passed", "retuned", "flagged", "failed")
-SERVABLE = ("trained", "transferred", "retuned")  # registry statuses an adapter can be carried over from
+DECISIONS = ("passed", "scaled", "distilled", "retuned", "flagged", "failed")
+CARRIED_BY = {"direct": "passed", "scaled": "scaled", "distill": "distilled", "retune": "retuned"}  # its decision
+SERVABLE = ("trained", "transferred", "scaled", "distilled", "retuned")  # statuses to carry over from
 
 
 @dataclass(frozen=True)
@@ -56,10 +59,11 @@ class Candidate:
     old: dict[str, float]  # exact match per task on that base
     record: AdapterRecord | None = None  # the registry version holding its files (None: a local folder)
     manifest: Manifest | None = None  # the folder's, when already read
+    source_base: BaseRecord | BaseInfo | None = None  # the base it is carried over from: distill's teacher
 
     @classmethod
-    def registered(cls, record: AdapterRecord) -> Candidate:
-        return cls(record.name, record.base_version, dict(record.metrics), record)
+    def registered(cls, record: AdapterRecord, source_base: BaseRecord | None = None) -> Candidate:
+        return cls(record.name, record.base_version, dict(record.metrics), record, source_base=source_base)
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,8 @@ def plan(registry: Registry, family: str, version: str) -> Plan:
         target = registry.base(family, version)
     except NotRegistered:  # created straight in MLflow: load it from its source tag and make it ready
         target = registry.adopt_base(family, version)
-    order = [b.version for b in registry.bases(family)]
+    bases = {b.version: b for b in registry.bases(family)}
+    order = list(bases)
     earlier = order[:order.index(version)]
     candidates, done = [], []
     for name, records in sorted(registry.adapters().items()):
@@ -89,15 +94,17 @@ def plan(registry: Registry, family: str, version: str) -> Plan:
             continue
         servable = [r for r in mine if r.serving and r.status in SERVABLE and r.base_version in earlier]
         if servable:
-            candidates.append(Candidate.registered(max(servable, key=lambda r: earlier.index(r.base_version))))
+            latest = max(servable, key=lambda r: earlier.index(r.base_version))
+            candidates.append(Candidate.registered(latest, bases[latest.base_version]))
     return Plan(target, candidates, done)
 
 
 def plan_folders(target: BaseRecord | BaseInfo, folders: list[Path],
-                 old: dict[str, dict[str, float]] | None = None) -> Plan:
+                 old: dict[str, dict[str, float]] | None = None, source: BaseInfo | None = None) -> Plan:
     """Adapter folders to carry over to ``target`` as they are. ``old``: each folder's exact match per
-    task on the old base when measured; else what its manifest recorded at training. A folder whose
-    manifest cannot be read is still planned: ``revalidate`` reports it as failed."""
+    task on the old base when measured; else what its manifest recorded at training. ``source``: the
+    old base, when known. A folder whose manifest cannot be read is still planned: ``revalidate``
+    reports it as failed."""
     candidates = []
     for folder in folders:
         try:
@@ -107,7 +114,7 @@ def plan_folders(target: BaseRecord | BaseInfo, folders: list[Path],
             continue
         recorded = {t: m["exact_match"] for t, m in manifest.metrics.items()}
         candidates.append(Candidate(adapter_name(folder), manifest.base.version,
-                                    (old or {}).get(str(folder), recorded), manifest=manifest))
+                                    (old or {}).get(str(folder), recorded), manifest=manifest, source_base=source))
     return Plan(target, candidates, [])
 
 
@@ -144,7 +151,9 @@ class Outcome:
     old: dict[str, float] = field(default_factory=dict)  # exact match per task on the old base (registry)
     new: dict[str, float] = field(default_factory=dict)  # on the new base, as transferred
     zero_shot: dict[str, float] = field(default_factory=dict)  # the new base without an adapter
-    retuned: dict[str, float] | None = None  # after re-tuning, when it was re-tuned
+    retuned: dict[str, float] | None = None  # when a strategy made it anew (scaled, distilled, re-tuned): its scores
+    strategy: str = ""  # the one that carried it past the gate: direct, scaled, distill or retune ("" if none did)
+    attempts: list[dict] = field(default_factory=list)  # each strategy tried, in order: Attempt.as_dict
     adapter_dir: str | None = None  # the files to register on the new base (None when failed)
     seconds: dict[str, float] = field(default_factory=dict)  # evaluate, retune
     placement: str = ""  # where the base ran, e.g. "cuda:0 bfloat16"
@@ -153,6 +162,16 @@ class Outcome:
     # The registry version whose files adapter_dir holds unchanged (passed or flagged as carried over):
     # the new version names those files instead of a copy of them.
     carried: AdapterRecord | None = None
+
+    @property
+    def winner(self) -> dict | None:
+        """The attempt that carried it past the gate, if one did."""
+        return next((a for a in self.attempts if a["passed"]), None)
+
+    @property
+    def labels(self) -> str:
+        """Whether what serves used the task's labels: yes, no, or - when nothing serves."""
+        return "-" if self.winner is None else "yes" if self.winner["used"].get("labels") else "no"
 
     @property
     def served_scores(self) -> dict[str, float]:
@@ -168,45 +187,49 @@ class Outcome:
                    failure="crashed", old=dict(candidate.old))
 
 
-_zero_shot: dict[tuple[str, str], float] = {}
+_zero_shot: dict[tuple[str, str, int], float] = {}
 _zero_shot_lock = threading.Lock()
 
 
-def zero_shot(model, tokenizer, base: BaseInfo, tasks: list[Task], batch_size: int = 32) -> dict[str, float]:
-    """The base's own exact match on each task (no adapter), computed once per base and task."""
+def zero_shot(model, tokenizer, base: BaseInfo, tasks: list[Task], rows: dict[str, list[Example]],
+              batch_size: int = 32) -> dict[str, float]:
+    """The base's own exact match on each task's ``rows`` (no adapter), computed once per base and rows."""
     scores = {}
     for task in tasks:
-        key = (base.fingerprint, task.content_hash)
+        key = (base.fingerprint, task.content_hash, len(rows[task.name]))  # all eval rows, or the gate's share
         with _zero_shot_lock:
             cached = _zero_shot.get(key)
         if cached is None:
-            cached = evaluate(model, tokenizer, list(task.eval), batch_size).exact_match
+            cached = evaluate(model, tokenizer, rows[task.name], batch_size).exact_match
             with _zero_shot_lock:
                 _zero_shot[key] = cached
         scores[task.name] = cached
     return scores
 
 
-def retune_config(training: dict, gate: Gate) -> TrainConfig:
-    """The adapter's own schedule, cut to the re-tuning budget, with Trans-PEFT's regularisers on."""
-    kept = {f.name: training[f.name] for f in fields(TrainConfig) if f.name in training}
-    return TrainConfig(**{**kept, "steps": gate.retune_steps, "p_c": gate.retune_p_c, "p_i": gate.retune_p_i})
-
-
 def revalidate(slot, adapter_dir: Path, candidate: Candidate, data_dir: Path, gate: Gate, workdir: Path,
-               batch_size: int = 32, progress: bool = False) -> Outcome:
-    """Transfer one adapter onto the base lent in ``slot`` (model, tokenizer, info), judge it, and
-    re-tune or flag it as the gate says. ``slot.model`` is the bare base again afterwards."""
+               batch_size: int = 32, progress: bool = False, teacher=None) -> Outcome:
+    """Transfer one adapter onto the base lent in ``slot`` (model, tokenizer, info) and judge it; while it
+    fails, try the gate's next strategy (transpeft/strategies.py), and flag it when none carries it.
+    ``teacher()``: lends the old base, for distill. ``slot.model`` is the bare base again afterwards.
+
+    The adapter as transferred is always measured first (``Outcome.new``, and the check that it fits
+    the base), and is served as it is only when ``direct`` is among the strategies."""
     outcome = Outcome(candidate.name, candidate.source_version, "failed", old=dict(candidate.old),
-                      carried=candidate.record)  # its files, unless re-tuning replaces them
+                      carried=candidate.record)  # its files, unless a strategy makes new ones
     target = slot.info
     outcome.placement = placed(slot.model)
-    started = time.perf_counter()
     try:
         manifest = candidate.manifest or read_manifest(adapter_dir)
         tasks = load_tasks(data_dir, list(manifest.tasks))
-        scores = score_adapter(slot.model, slot.tokenizer, target, adapter_dir, tasks, manifest, batch_size)
-        outcome.zero_shot = zero_shot(slot.model, slot.tokenizer, target, tasks, batch_size)
+        held_out, gate_rows = {}, {t.name: list(t.eval) for t in tasks}
+        if "scaled" in gate.strategies:  # its alpha is picked on rows the gate then never scores
+            for task in tasks:
+                held_out[task.name], gate_rows[task.name] = split_eval(task, gate.held_out)
+        means = Means(candidate.name, slot, Path(adapter_dir), manifest, tasks, gate_rows, held_out, gate,
+                      Path(workdir), teacher, progress)
+        first = direct(means)
+        outcome.zero_shot = zero_shot(slot.model, slot.tokenizer, target, tasks, gate_rows, batch_size)
     except IncompatibleBase as e:
         outcome.reasons = [f"incompatible with {target.family}/{target.version}: {m}" for m in e.mismatches]
         outcome.failure = "incompatible"
@@ -214,37 +237,34 @@ def revalidate(slot, adapter_dir: Path, candidate: Candidate, data_dir: Path, ga
     except (AdapterFileError, DataError) as e:
         outcome.reasons, outcome.failure = [str(e)], "bad input"
         return outcome
-    outcome.new = {task: m.exact_match for task, m in scores.items()}
-    outcome.seconds["evaluate"] = round(time.perf_counter() - started, 2)
-
+    outcome.new = first.scores
+    outcome.seconds["evaluate"] = round(first.seconds, 2)
     verdict = judge(outcome.new, outcome.old, outcome.zero_shot, gate)
+    first.passed, first.reasons = verdict.passed, list(verdict.reasons)
     outcome.reasons = list(verdict.reasons)
-    if verdict.passed or gate.on_fail == "flag":
-        outcome.decision = "passed" if verdict.passed else "flagged"
-        outcome.adapter_dir, outcome.manifest = str(adapter_dir), manifest
-        return outcome
 
-    started = time.perf_counter()
-    out = Path(workdir) / f"{candidate.name}-retuned"
-    try:
-        adapted, retuned, _ = train_adapter(slot.model, slot.tokenizer, target, tasks, manifest.method,
-                                            retune_config(manifest.training, gate), out, progress=progress,
-                                            warm_start=adapter_dir)
-    except TrainingDiverged as e:  # flagged: the transferred adapter is kept, unserved, with the reason
+    attempts = []
+    for name in gate.strategies:
+        attempt = first if name == "direct" else STRATEGIES[name](means)
+        if name != "direct":
+            if attempt.adapter_dir is not None:
+                again = judge(attempt.scores, outcome.old, outcome.zero_shot, gate)
+                attempt.passed, attempt.reasons = again.passed, list(again.reasons)
+            outcome.seconds[name] = round(attempt.seconds, 2)
+            outcome.reasons.append(attempt.line() + ("" if attempt.passed or not attempt.reasons
+                                                     else ": " + "; ".join(attempt.reasons)))
+        attempts.append(attempt)
+        if attempt.passed:
+            break
+    outcome.attempts = [a.as_dict() for a in attempts]
+    winner = next((a for a in attempts if a.passed), None)
+    if winner is None:  # kept unserved, as transferred, with every strategy's reason
         outcome.decision, outcome.adapter_dir, outcome.manifest = "flagged", str(adapter_dir), manifest
-        outcome.reasons.append(f"re-tuning diverged: {e}")
-        slot.broken = True  # it still carries the half-trained adapter: the lender drops it
         return outcome
-    slot.model = unload_adapter(adapted, manifest.method.name)
-    outcome.seconds["retune"] = round(time.perf_counter() - started, 2)
-    outcome.retuned = {t: m["exact_match"] for t, m in retuned.metrics.items()}
-    again = judge(outcome.retuned, outcome.old, outcome.zero_shot, gate)
-    if again.passed:
-        outcome.decision, outcome.adapter_dir, outcome.manifest, outcome.carried = "retuned", str(out), retuned, None
-        outcome.reasons.append(f"re-tuned for {gate.retune_steps} steps: passes")
-    else:
-        outcome.decision, outcome.adapter_dir, outcome.manifest = "flagged", str(adapter_dir), manifest
-        outcome.reasons.append(f"re-tuned for {gate.retune_steps} steps, still failing: " + "; ".join(again.reasons))
+    outcome.decision, outcome.strategy = CARRIED_BY[winner.strategy], winner.strategy
+    outcome.adapter_dir, outcome.manifest = winner.adapter_dir, winner.manifest
+    if winner.strategy != "direct":  # new files, made on this base
+        outcome.retuned, outcome.carried = winner.scores, None
     return outcome
 
 
@@ -261,7 +281,8 @@ WORKDIR_PREFIX = "revalidate-"
 
 # -- the record in MLflow -----------------------------------------------------------------------
 
-REGISTRY_STATUS = {"passed": "transferred", "retuned": "retuned", "flagged": "failed-gate"}
+REGISTRY_STATUS = {"passed": "transferred", "scaled": "scaled", "distilled": "distilled", "retuned": "retuned",
+                   "flagged": "failed-gate"}
 
 
 def open_revalidation(registry: Registry, target: BaseRecord, plan_: Plan) -> str:
@@ -285,7 +306,10 @@ def record_outcome(registry: Registry, parent_run: str, target: BaseRecord, outc
         ("old_exact_match", outcome.old), ("exact_match", outcome.new), ("zero_shot", outcome.zero_shot),
         ("retuned_exact_match", outcome.retuned or {})) for task, value in values.items()}
     metrics |= {f"seconds.{step}": s for step, s in outcome.seconds.items()}
-    tags = {"reasons": "; ".join(outcome.reasons)[:5000]}
+    metrics |= {f"{a['strategy']}_exact_match.{task}": v for a in outcome.attempts[1:] for task, v in a["scores"].items()}
+    metrics |= {f"steps.{a['strategy']}": a["steps"] for a in outcome.attempts if a["steps"]}
+    tags = {"reasons": "; ".join(outcome.reasons)[:5000], "strategy": outcome.strategy or "none",
+            "attempts": json.dumps([{k: v for k, v in a.items() if k != "seconds"} for a in outcome.attempts])[:5000]}
     if existed and registry.run(child).data.metrics:  # metrics are history: logged once
         metrics = {}
     registry.log(child, metrics=metrics, tags=tags)
@@ -302,9 +326,19 @@ def record_outcome(registry: Registry, parent_run: str, target: BaseRecord, outc
         {t: {"exact_match": v} for t, v in outcome.served_scores.items()}, files_run,
         transferred_from=outcome.source_version, serve=outcome.decision != "flagged", manifest=outcome.manifest,
         files=files, tags={"gate": "passed" if outcome.decision == "passed" else "; ".join(outcome.reasons)[:5000],
-                           "revalidation_run": child})
+                           "revalidation_run": child, **carried_with(outcome)})
     registry.finish_run(child)
     return replace(outcome, model_version=record.model_version)
+
+
+def carried_with(outcome: Outcome) -> dict[str, str]:
+    """The registry version's tags saying which strategy carried it, what that used and its steps."""
+    winner = outcome.winner
+    if winner is None:
+        return {"strategy": "none"}
+    used = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in winner["used"].items() if v) or "nothing"
+    return {"strategy": winner["strategy"], "used": used, "labels": str(winner["used"].get("labels", 0) > 0).lower(),
+            "strategy_steps": str(winner["steps"])}  # its seconds are the child run's metrics: tags stay reproducible
 
 
 @dataclass(frozen=True)
@@ -315,6 +349,8 @@ class Summary:
     state: str  # done; done with failures (an adapter flagged or failed); incomplete (one crashed: run again)
     run_id: str  # the MLflow parent run
     passed: int
+    scaled: int
+    distilled: int
     retuned: int
     flagged: int
     failed: int
@@ -324,7 +360,8 @@ class Summary:
         return asdict(self)
 
     def line(self) -> str:
-        return (f"{self.base} {self.state}: {self.passed} passed, {self.retuned} re-tuned, "
+        others = "".join(f"{n} {what}, " for n, what in ((self.scaled, "scaled"), (self.distilled, "distilled")) if n)
+        return (f"{self.base} {self.state}: {self.passed} passed, {others}{self.retuned} re-tuned, "
                 f"{self.flagged + self.failed} failed "
                 f"({self.flagged} flagged, {self.failed} could not be evaluated), {self.already_done} already "
                 f"there; MLflow run {self.run_id}")
@@ -332,11 +369,12 @@ class Summary:
     def markdown(self, outcomes: list[Outcome]) -> str:
         """The gate's decisions, for the flow run's artifact in the Prefect UI."""
         lines = [f"# Revalidation of {self.base}: {self.state}", "",
-                 f"passed {self.passed}, re-tuned {self.retuned}, flagged {self.flagged}, failed {self.failed}, "
-                 f"already there {self.already_done} (MLflow run {self.run_id})",
-                 "", "| adapter | from | decision | why |", "|---|---|---|---|"]
-        lines += [f"| {o.adapter} | {o.source_version} | {o.decision} | {'; '.join(o.reasons) or '-'} |"
-                  for o in sorted(outcomes, key=lambda o: o.adapter)]
+                 f"passed {self.passed}, scaled {self.scaled}, distilled {self.distilled}, re-tuned {self.retuned}, "
+                 f"flagged {self.flagged}, failed {self.failed}, already there {self.already_done} "
+                 f"(MLflow run {self.run_id})",
+                 "", "| adapter | from | decision | carried by | labels | why |", "|---|---|---|---|---|---|"]
+        lines += [f"| {o.adapter} | {o.source_version} | {o.decision} | {o.strategy or '-'} | {o.labels} | "
+                  f"{'; '.join(o.reasons) or '-'} |" for o in sorted(outcomes, key=lambda o: o.adapter)]
         return "\n".join(lines)
 
 

@@ -41,7 +41,11 @@ from .health import health_problem
 DEFAULT_TRACKING_URI = "http://127.0.0.1:5000"
 BASE_PREFIX, ADAPTER_PREFIX = "base-", "adapter-"
 DESCRIPTION_CHARS = 5000  # MLflow's limit on a registered model's or version's description
-ADAPTER_STATUSES = ("trained", "transferred", "retuned", "failed-gate")
+# failed-gate: flagged, kept unserved. scaled, distilled, retuned: made anew on that base by the strategy so
+# named (transpeft/strategies.py); transferred: carried over unchanged.
+ADAPTER_STATUSES = ("trained", "transferred", "scaled", "distilled", "retuned", "failed-gate")
+MADE_ANEW = {"scaled": "scaled by the alpha picked on held-out rows", "distilled": "distilled from the old base",
+             "retuned": "re-tuned"}
 # A base's revalidation states that leave nothing for the reconciler; "incomplete" does.
 FINISHED = ("done", "done with failures")
 
@@ -107,6 +111,7 @@ class AdapterRecord:
     source: str = ""  # the files' URI in that run's artifacts (the version's source)
     gate: str = ""  # the gate's verdict on that base: "passed", or its reasons (none for a trained version)
     trained_on: str = ""  # the base version the adapter was trained (or re-tuned) on
+    used: str = ""  # what the strategy that carried it used, e.g. "0 labels, 512 prompts" (none: unchanged)
 
     @property
     def files(self) -> str:
@@ -375,7 +380,7 @@ class Registry:
             files = f"{root}/adapter" if root else f"runs:/{run_id}/adapter"
         line = verdict(AdapterRecord(name, base.family, base.version, status, transferred_from,
                                      {t: m["exact_match"] for t, m in metrics.items()}, "", False,
-                                     gate=tags.get("gate", "")))
+                                     gate=tags.get("gate", ""), used=tags.get("used", "")))
         version = self._create_version(model, run_id, files, tags, line)
         record = _adapter_record(name, version, {})  # a new version: no alias points at it yet
         record = self.serve(record) if serve else record
@@ -468,8 +473,9 @@ def verdict(record: AdapterRecord) -> str:
         how = f"trained on {base}"
     elif record.status == "transferred":
         how = f"carried over from {record.transferred_from} to {base} unchanged; the gate passed it"
-    elif record.status == "retuned":
-        how = f"carried over from {record.transferred_from} to {base}, failed the gate, re-tuned: it passes"
+    elif record.status in MADE_ANEW:
+        how = (f"carried over from {record.transferred_from} to {base}, failed the gate, {MADE_ANEW[record.status]}"
+               + (f" (used {record.used})" if record.used else "") + ": it passes")
     else:
         reason = record.gate or "failed the gate"
         how = f"carried over from {record.transferred_from} to {base}, kept unserved: {reason}"
@@ -486,8 +492,8 @@ def adapter_description(name: str, records: list[AdapterRecord]) -> str:
             "|" + "---|" * (6 + len(tasks))]
     for r in sorted(records, key=lambda r: int(r.model_version)):
         came_from = f"trained on {r.trained_on}" if r.status == "trained" else f"carried over from {r.transferred_from}"
-        if r.status == "retuned":
-            came_from += f", re-tuned on {r.base_version}"
+        if r.status in MADE_ANEW:
+            came_from += f", {MADE_ANEW[r.status]} on {r.base_version}" + (f" (used {r.used})" if r.used else "")
         scores = [f"{r.metrics[t]:.3f}" if t in r.metrics else "" for t in tasks]
         gate = "" if r.status == "trained" else _cell(r.gate)
         rows.append(f"| {r.base_family}/{r.base_version} | {r.model_version} | {r.status} | "
@@ -510,7 +516,7 @@ def _adapter_record(name: str, mv, aliases: dict[str, str]) -> AdapterRecord:
         metrics={k.removeprefix("exact_match."): float(v) for k, v in tags.items() if k.startswith("exact_match.")},
         serving=aliases.get(_alias(f"on-{tags['base_version']}")) == mv.version,
         to_serve=tags.get("serve") == "true", weights_sha256=tags.get("weights_sha256", ""), source=mv.source or "",
-        gate=tags.get("gate", ""), trained_on=tags.get("trained_on", ""))
+        gate=tags.get("gate", ""), trained_on=tags.get("trained_on", ""), used=tags.get("used", ""))
 
 
 def _flat_metrics(metrics: dict[str, dict]) -> dict[str, float]:

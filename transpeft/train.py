@@ -14,6 +14,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -84,8 +85,15 @@ def _batches(encoded, batch_size: int, pad_id: int, seed: int, group_by_length: 
             yield collate([encoded[i] for i in rows], pad_id)
 
 
-def train_loop(model, tokenizer, examples: list[Example], config: TrainConfig, progress: bool = True) -> TrainResult:
-    """Train the model's trainable parameters on ``examples``; loss on answer tokens only."""
+def answer_loss(model, batch) -> torch.Tensor:
+    """Cross-entropy on the answer tokens (the batch's labels): the training loss unless told otherwise."""
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+
+
+def train_loop(model, tokenizer, examples: list[Example], config: TrainConfig, progress: bool = True,
+               loss_of: Callable = answer_loss) -> TrainResult:
+    """Train the model's trainable parameters on ``examples``; ``loss_of(model, batch)`` (by default the
+    cross-entropy on answer tokens only)."""
     if not examples:
         raise ValueError("no training examples: the dataset is empty")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -139,8 +147,7 @@ def train_loop(model, tokenizer, examples: list[Example], config: TrainConfig, p
                         batch = next(batches).to(accelerator.device)
                         with accelerator.accumulate(model):
                             with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=bf16):
-                                loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                             labels=batch.labels).loss
+                                loss = loss_of(model, batch)
                             _stop_everywhere_unless_finite(accelerator, loss, step)
                             accelerator.backward(loss)
                             if accelerator.sync_gradients:
@@ -188,11 +195,14 @@ def dataset_hash(tasks: list[Task]) -> str:
 
 
 def train_adapter(base_model, tokenizer, base: BaseInfo, tasks: list[Task], method: MethodConfig,
-                  config: TrainConfig, out: str | Path, progress: bool = True, warm_start: str | Path | None = None):
+                  config: TrainConfig, out: str | Path, progress: bool = True, warm_start: str | Path | None = None,
+                  examples: list[Example] | None = None, loss: Callable | None = None, record: dict | None = None):
     """Train one adapter on ``tasks`` (mixed), evaluate it on their eval sets, save it to ``out``.
 
     ``warm_start``: an adapter folder whose weights training starts from (re-tuning a transferred
-    adapter on a new base) instead of a fresh initialisation.
+    adapter on a new base) instead of a fresh initialisation. ``examples`` and ``loss``: other rows
+    and another loss than the tasks' training rows and ``answer_loss`` (distillation's); ``record``:
+    what the manifest's training entry says of them.
     Returns (adapted model, manifest, train result). The base model is wrapped in place; unload
     the adapter with ``transfer.unload_adapter`` to reuse the base.
     """
@@ -205,8 +215,9 @@ def train_adapter(base_model, tokenizer, base: BaseInfo, tasks: list[Task], meth
         if task.duplicates():
             log.warning("%s: %d of %d training rows repeat an earlier row; they weigh more in training (see "
                         "`transpeft data validate`)", task.name, task.duplicates(), len(task.train))
-    examples = [ex for task in tasks for ex in task.train]
-    result = train_loop(model, tokenizer, examples, config, progress)
+    if examples is None:
+        examples = [ex for task in tasks for ex in task.train]
+    result = train_loop(model, tokenizer, examples, config, progress, loss or answer_loss)
     metrics = {task.name: evaluate(model, tokenizer, list(task.eval)).as_dict() for task in tasks}
     manifest = Manifest(
         method=method, base=base, tasks=tuple(t.name for t in tasks), dataset_hash=dataset_hash(tasks),
@@ -217,7 +228,7 @@ def train_adapter(base_model, tokenizer, base: BaseInfo, tasks: list[Task], meth
                   # what a batch really held, when the data is smaller than the batch size asked for
                   **({"batch_size_used": len(examples)} if config.batch_size > len(examples) else {}),
                   "warm_start": str(warm_start) if warm_start else None,
-                  "loss_curve": [round(x, 5) for x in result.losses]},
+                  "loss_curve": [round(x, 5) for x in result.losses], **(record or {})},
         metrics=metrics, library_versions=library_versions(),
     )
     state = PartialState()

@@ -20,9 +20,9 @@ from transpeft.revalidate import DECISIONS, REGISTRY_STATUS
 from transpeft.tracking import Registry
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-GATE_PASS_ALL = {"min_retention": 0.0, "min_score": 0.0, "beat_zero_shot": False, "on_fail": "flag",
+GATE_PASS_ALL = {"min_retention": 0.0, "min_score": 0.0, "beat_zero_shot": False, "strategies": ["direct"],
                  "retune_steps": 4}
-GATE_RETUNE_ALL = {**GATE_PASS_ALL, "min_score": 1.01, "on_fail": "retune"}
+GATE_RETUNE_ALL = {**GATE_PASS_ALL, "min_score": 1.01, "strategies": ["direct", "retune"]}
 
 
 @dataclass

@@ -125,6 +125,36 @@ def test_quick_study_writes_every_row_and_output_then_resumes_without_retraining
     assert render(rows, quick, family / "out2")["table"] == summary["table"]
 
 
+def test_the_strategies_phase_carries_each_chosen_adapter_over_every_way_and_reports_what_it_took(family):
+    from transpeft.study import run_strategies
+    from transpeft.study_results import report
+
+    names = ("scaled", "distill", "distill-synthetic", "retune")
+    quick = replace(config(tasks=("reverse",), updates=("v1->v2",)).quick(), workers=1, strategies=names,
+                    strategy_steps=2, prompts_per_task=4)
+    summary = run_study(quick, _inputs(family, "ws"), family / "ws-out", say=lambda _: None)
+    rows = [r for r in json.loads((family / "ws-out" / "results.json").read_text()) if r["arm"].startswith("strategy:")]
+    assert sorted((r["arm"], r["seed"]) for r in rows) == sorted((f"strategy:{n}", s) for n in names for s in (0, 1))
+    assert all(set(r) == ROW_KEYS | {"steps", "seconds", "labels", "used", "note"} for r in rows)
+    by = {r["arm"].removeprefix("strategy:"): r for r in rows if r["seed"] == 0}
+    assert by["retune"]["labels"] == 32 and by["retune"]["steps"] == 2  # every training row's label
+    # The quick study's 4-step adapters never end an answer, so there is nothing to distil (tests/test_strategies.py
+    # distils a real one): the row says so, and that it used no label.
+    assert by["distill"]["labels"] == 0 and by["distill"]["used"]["prompts"] == 4
+    assert by["distill"]["note"] == "the teacher ended no answer" and by["distill"]["steps"] == 0
+    assert by["distill-synthetic"]["labels"] == 0 and "prompts" not in by["distill-synthetic"]["used"]
+    assert 0 < by["scaled"]["labels"] < 8 and by["scaled"]["steps"] == 0  # the held-out eval rows only
+    carried = summary["strategies"]
+    assert list(carried["table"]["v1->v2"]["reverse"]) == list(names) and set(carried["gate"]) == {"v1->v2"}
+    assert {"distill_minus_retune", "distill_seconds_over_retune"} <= set(carried["goals"]["v1->v2"])
+    assert "## Carrying the chosen adapters over" in report(summary)
+
+    said = []  # the phase alone, on the study just run: its jobs are found done, its rows are the same
+    again = run_strategies(quick, _inputs(family, "ws"), family / "ws-out", say=said.append)
+    assert any("already done" in line for line in said) and not any("] carry by" in line for line in said)
+    assert again["strategies"]["table"] == carried["table"]
+
+
 def test_two_worker_processes_give_the_rows_one_process_gives(family):
     quick = config(tasks=("reverse",), updates=("v1->v2",)).quick()
     one = run_study(replace(quick, workers=1), _inputs(family, "w1"), family / "one", say=lambda _: None)
@@ -190,4 +220,4 @@ def test_readme_tables_are_the_committed_studys_numbers():
     assert grid_table(summary) in readme
     rows = json.loads((root / "study/results.json").read_text())
     assert len({r["seed"] for r in rows}) >= 3 and len({r["update"] for r in rows}) >= 2
-    assert all(set(r) == ROW_KEYS for r in rows)
+    assert all(set(r) == ROW_KEYS for r in rows if not r["arm"].startswith("strategy:"))

@@ -365,7 +365,16 @@ def cmd_study(args) -> int:
     versions = sorted({v for pair in config.pairs for v in pair})
     inputs = Inputs(bases={v: str(Path(args.bases) / v) for v in versions}, family=params.bases.family,
                     data=args.data, workdir=args.workdir, placement=_placement(args, params.placement))
-    summary = run_study(config, inputs, Path(args.out), say=say)
+    if args.strategies_only:
+        from .study import run_strategies
+
+        if not config.strategies or not (Path(args.out) / "results.json").is_file():
+            print(f"error: --strategies-only needs study.strategies in {args.params} and {args.out}/results.json "
+                  "from a study already run", file=sys.stderr)
+            return EXIT_ERROR
+        summary = run_strategies(config, inputs, Path(args.out), say=say)
+    else:
+        summary = run_study(config, inputs, Path(args.out), say=say)
     from .study_results import main_table
 
     text = main_table(summary) + f"\n\nre-tune knee: {summary['retune_knee']} steps; wrote {args.out}/"
@@ -522,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "base updates, with re-tune curves; raw rows, summary, report and plots",
                 "transpeft study                                   # params.yaml's study (= dvc repro study)",
                 "transpeft study --quick --out /tmp/study           # the whole path in a minute, measures nothing",
+                "transpeft study --strategies-only                 # re-measure only the gate's strategies",
                 "transpeft study --profile gpu --bases study-gpu/bases --data study-gpu/data --out study/gpu \\",
                 "    --device cuda --dtype bfloat16 --workers 1")
     p.add_argument("--params", default="params.yaml", help="the params file whose study key to run")
@@ -534,6 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="two settings, two seeds, a few steps: a smoke run")
     p.add_argument("--render", action="store_true",
                    help="train nothing: rebuild summary.json, report.md and the plots from OUT/results.json")
+    p.add_argument("--strategies-only", action="store_true",
+                   help="only the strategies phase (study.strategies), on the study in OUT/results.json")
     p.add_argument("--seeds", type=lambda s: tuple(int(x) for x in s.split(",")), help="comma-separated seeds")
     p.add_argument("--steps", type=int, help="adapter training steps (default: study.steps)")
     p.add_argument("--workers", type=int, help="parallel training processes (default: study.workers)")

@@ -260,6 +260,11 @@ class StudyConfig:
     retune_steps: tuple[int, ...] = (10, 25, 50, 100)
     max_old_cost: Real = 0.02  # the chosen setting may cost at most this much exact match on the old base
     workers: Count = 2  # processes; the CPU cores are split between them
+    # The ways of carrying the chosen adapter over (transpeft/strategies.py; distill-synthetic: distill with
+    # prompts the old base writes), each given strategy_steps optimizer steps where it trains.
+    strategies: tuple[Literal["scaled", "distill", "distill-synthetic", "retune"], ...] = ()
+    strategy_steps: Count = defaults.RETUNE_STEPS
+    prompts_per_task: Count = 256
 
     def __post_init__(self):
         if not self.tasks:

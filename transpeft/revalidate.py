@@ -306,7 +306,8 @@ def record_outcome(registry: Registry, parent_run: str, target: BaseRecord, outc
         ("old_exact_match", outcome.old), ("exact_match", outcome.new), ("zero_shot", outcome.zero_shot),
         ("retuned_exact_match", outcome.retuned or {})) for task, value in values.items()}
     metrics |= {f"seconds.{step}": s for step, s in outcome.seconds.items()}
-    metrics |= {f"{a['strategy']}_exact_match.{task}": v for a in outcome.attempts[1:] for task, v in a["scores"].items()}
+    metrics |= {f"{a['strategy']}_exact_match.{task}": v
+                for a in outcome.attempts[1:] for task, v in a["scores"].items()}
     metrics |= {f"steps.{a['strategy']}": a["steps"] for a in outcome.attempts if a["steps"]}
     tags = {"reasons": "; ".join(outcome.reasons)[:5000], "strategy": outcome.strategy or "none",
             "attempts": json.dumps([{k: v for k, v in a.items() if k != "seconds"} for a in outcome.attempts])[:5000]}

@@ -320,7 +320,7 @@ def sample_prompts(model, tokenizer, seeds: list[str], n: int, rng: random.Rando
             shown = rng.sample(seeds, len(seeds))
             rows.append(([bos] if bos is not None else []) + tokenizer.encode("".join(shown), add_special_tokens=False))
         ids, mask = _left_padded(rows, pad, device)
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True,  # a prompt twice a seed's length at most
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True,  # at most twice a seed's length
                              max_new_tokens=_room(model, ids.shape[1], min(MAX_PROMPT_TOKENS, 2 * longest + 8)),
                              temperature=1.0, top_k=0, eos_token_id=eos, pad_token_id=pad)[:, ids.shape[1]:].tolist()
         for new in out:

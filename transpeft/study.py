@@ -13,6 +13,8 @@ the old base and, as it is, on the new one. Per task, update and seed the rows h
     ft_new      a plain adapter trained on the new base: what re-tuning with the data could reach
     retune@N    the direct or the chosen Trans-PEFT adapter re-tuned N steps on the new base, warm-started
                 from its transferred weights with its own regularisers
+    strategy:S  the chosen Trans-PEFT adapter carried over by the gate's strategy S (study.strategies:
+                scaled, distill, distill-synthetic, retune), with its steps, seconds and whether it used labels
 
 Every row goes to ``results.json``; the summary, the report and the plots are computed from those
 rows alone (``transpeft.study_results``). Finished jobs are kept under the work directory, so an
@@ -54,10 +56,12 @@ class Job:
     seed: int
     steps: int
     score_on: tuple[str, ...] = ()  # train: the new versions it is put on as it is
-    start: str = ""  # retune: the job id of the trained adapter it starts from
+    start: str = ""  # retune, strategy: the job id of the trained adapter it starts from
+    strategy: str = ""  # strategy: which
 
     def describe(self) -> str:
-        what = {"train": "train", "ft_new": "fine-tune on new", "retune": f"re-tune {self.steps} steps"}[self.kind]
+        what = {"train": "train", "ft_new": "fine-tune on new", "retune": f"re-tune {self.steps} steps",
+                "strategy": f"carry by {self.strategy}"}[self.kind]
         return f"{what} {self.task} on {self.base}, {self.targets}, p_c {self.p_c}, p_i {self.p_i}, seed {self.seed}"
 
 
@@ -75,7 +79,9 @@ class Inputs:
 def job_id(job: Job, config: StudyConfig, identity: dict) -> str:
     """Stable id of a job: what it runs, on which weights and data; a changed input gives a new id."""
     recipe = {k: v for k, v in asdict(config).items() if k in ("r", "alpha", "batch_size", "lr", "warmup")}
-    if job.kind != "retune":
+    if job.kind == "strategy":
+        recipe["prompts_per_task"] = config.prompts_per_task
+    if job.kind not in ("retune", "strategy"):
         recipe["steps"] = config.steps
     blob = json.dumps({"job": asdict(job), "recipe": recipe, "targets": config.targets.get(job.targets),
                        "identity": identity}, sort_keys=True, default=str)
@@ -87,12 +93,12 @@ def job_id(job: Job, config: StudyConfig, identity: dict) -> str:
 _STATE: dict = {}
 
 
-def _init_worker(inputs: Inputs, threads: int) -> None:
+def _init_worker(inputs: Inputs, threads: int, prompts_per_task: int = 256) -> None:
     import torch
 
     torch.set_num_threads(threads)
     _STATE.clear()
-    _STATE.update(inputs=inputs, bases={})
+    _STATE.update(inputs=inputs, bases={}, prompts_per_task=prompts_per_task)
 
 
 def _base(version: str):
@@ -120,6 +126,8 @@ def run_job(job: Job, key: str, config: StudyConfig) -> list[dict]:
     from .train import train_adapter
     from .transfer import score_adapter, unload_adapter
 
+    if job.kind == "strategy":
+        return _carry(job)
     inputs: Inputs = _STATE["inputs"]
     tasks = [_task(job.task)]
     method = MethodConfig(r=config.r, alpha=config.alpha, target_modules=config.targets[job.targets])
@@ -148,6 +156,48 @@ def run_job(job: Job, key: str, config: StudyConfig) -> list[dict]:
         rows += [{"task": t, "update": f"{job.base}->{new}", "arm": arm, **common, "exact_match": m.exact_match}
                  for t, m in scores.items()]
     return rows
+
+
+def _carry(job: Job) -> list[dict]:
+    """The trained adapter ``job.start`` carried from the old base to ``job.base`` by one strategy, as the
+    revalidation flow's gate would (its own regularisers when it trains); its rows, with what it took."""
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from .adapters import read_manifest
+    from .params import Gate
+    from .strategies import STRATEGIES, Means, direct, split_eval
+
+    inputs: Inputs = _STATE["inputs"]
+    task = _task(job.task)
+    adapter = Path(inputs.workdir) / "adapters" / job.start
+    manifest = read_manifest(adapter)
+    old_version = job.score_on[0].split("->")[0]
+    new = _base(job.base)
+    slot = SimpleNamespace(model=new[0], tokenizer=new[1], info=new[2])
+
+    @contextmanager
+    def teacher():
+        old = _base(old_version)
+        lent = SimpleNamespace(model=old[0], tokenizer=old[1], info=old[2])
+        yield lent
+        old[0] = lent.model
+
+    synthetic = job.strategy == "distill-synthetic"
+    gate = Gate(retune_steps=job.steps, distill_steps=job.steps, retune_p_c=job.p_c, retune_p_i=job.p_i,
+                prompts="synthetic" if synthetic else "stored", prompts_per_task=_STATE["prompts_per_task"])
+    held_out, gate_rows = {}, {task.name: list(task.eval)}
+    if job.strategy == "scaled":  # its alpha on a held-out slice; scored on the rest, as the gate scores it
+        held_out[task.name], gate_rows[task.name] = split_eval(task, gate.held_out)
+    with tempfile.TemporaryDirectory() as work:
+        means = Means(job.start, slot, adapter, manifest, [task], gate_rows, held_out, gate, Path(work), teacher)
+        attempt = STRATEGIES["distill" if synthetic else job.strategy](means)
+        scores = attempt.scores or direct(means).scores  # no candidate: it serves as transferred
+    new[0] = slot.model
+    return [{"task": t, "update": job.score_on[0], "arm": f"strategy:{job.strategy}", "p_c": job.p_c, "p_i": job.p_i,
+             "targets": job.targets, "seed": job.seed, "exact_match": v, "steps": attempt.steps,
+             "seconds": round(attempt.seconds, 2), "labels": attempt.used.get("labels", 0), "used": attempt.used,
+             "note": attempt.note} for t, v in scores.items()]
 
 
 # -- the study ------------------------------------------------------------------------------------
@@ -183,6 +233,20 @@ def plan_retune(config: StudyConfig, chosen: dict, keys: dict[Job, str]) -> list
     return jobs
 
 
+def plan_strategies(config: StudyConfig, chosen: dict, keys: dict[Job, str]) -> list[Job]:
+    """Every strategy of study.strategies on every update, seed and task, from the chosen Trans-PEFT adapter."""
+    jobs = []
+    for old, new in config.pairs:
+        for seed in config.seeds:
+            for task in config.tasks:
+                trained = next(j for j in keys if j.kind == "train" and (j.task, j.base, j.targets, j.p_c, j.p_i,
+                               j.seed) == (task, old, chosen["targets"], chosen["p_c"], chosen["p_i"], seed))
+                jobs += [Job("strategy", task, new, chosen["targets"], chosen["p_c"], chosen["p_i"], seed,
+                             config.strategy_steps, (f"{old}->{new}",), start=keys[trained], strategy=name)
+                         for name in config.strategies]
+    return jobs
+
+
 def _execute(jobs: list[Job], config: StudyConfig, inputs: Inputs, identity: dict, say: Callable[[str], None],
              keys: dict[Job, str]) -> list[dict]:
     """Run the jobs not already done, ``config.workers`` at a time; every job's rows."""
@@ -207,13 +271,13 @@ def _execute(jobs: list[Job], config: StudyConfig, inputs: Inputs, identity: dic
 
     threads = max(1, (os.cpu_count() or 1) // config.workers)
     if config.workers == 1 or len(todo) <= 1:
-        _init_worker(inputs, threads if config.workers > 1 else (os.cpu_count() or 1))
+        _init_worker(inputs, threads if config.workers > 1 else (os.cpu_count() or 1), config.prompts_per_task)
         for job in todo:
             finished(job, run_job(job, keys[job], config))
     else:
         context = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
         with ProcessPoolExecutor(config.workers, mp_context=context, initializer=_init_worker,
-                                 initargs=(inputs, threads)) as pool:
+                                 initargs=(inputs, threads, config.prompts_per_task)) as pool:
             futures = {pool.submit(run_job, job, keys[job], config): job for job in todo}
             for future in as_completed(futures):
                 finished(futures[future], future.result())
@@ -284,7 +348,36 @@ def run_study(config: StudyConfig, inputs: Inputs, out: Path, say: Callable[[str
     chosen = choose(rows, config.max_old_cost)
     say(f"  chosen: {chosen['targets']}, p_c {chosen['p_c']}, p_i {chosen['p_i']} ({chosen['why']})")
     rows += _execute(plan_retune(config, chosen, keys), config, inputs, identity, say, keys)
+    if config.strategies:
+        say(f"  the strategies {', '.join(config.strategies)} on the chosen adapters")
+        rows += _execute(plan_strategies(config, chosen, keys), config, inputs, identity, say, keys)
     return render(rows, config, out, seconds=round(time.perf_counter() - started, 1))
+
+
+def run_strategies(config: StudyConfig, inputs: Inputs, out: Path, say: Callable[[str], None] = print) -> dict:
+    """The strategies phase alone, on a study already run: the chosen setting from ``out``'s results.json,
+    its adapters trained again (or found under the work directory), every strategy's rows put in place of
+    the earlier ones, and the outputs rendered again."""
+    from .study_results import choose
+
+    rows = [r for r in json.loads((out / "results.json").read_text()) if not r["arm"].startswith("strategy:")]
+    chosen = choose(rows, config.max_old_cost)
+    versions = list(dict.fromkeys(v for pair in config.pairs for v in pair))
+    identity = base_identity(inputs, versions)
+    keys: dict[Job, str] = {}
+    started = time.perf_counter()
+    trained = [j for j in plan_grid(config) if j.kind == "train"
+               and (j.targets, j.p_c, j.p_i) == (chosen["targets"], chosen["p_c"], chosen["p_i"])]
+    say(f"strategies {', '.join(config.strategies)} on {chosen['targets']}, p_c {chosen['p_c']}, p_i {chosen['p_i']}: "
+        f"{len(trained)} adapters, then each carried over by each strategy")
+    _execute(trained, config, inputs, identity, say, keys)
+    rows += _execute(plan_strategies(config, chosen, keys), config, inputs, identity, say, keys)
+    summary = render(rows, config, out)  # keeps the seconds the whole study took
+    summary_path = out / "summary.json"
+    data = json.loads(summary_path.read_text())
+    data["strategies_seconds"] = round(time.perf_counter() - started, 1)
+    summary_path.write_text(json.dumps(data, indent=2) + "\n")
+    return summary
 
 
 def render(rows: list[dict], config: StudyConfig, out: Path, seconds: float | None = None) -> dict:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 KNEE_SHARE = 0.95  # the re-tune budget is enough once it reaches this share of fine-tuning on the new base
@@ -145,6 +145,99 @@ def retune_knee(cells, chosen: dict) -> int | None:
     return reached[0] if reached else max(budgets)
 
 
+STRATEGY_ORDER = ("scaled", "distill", "distill-synthetic", "retune")
+WITHIN = 0.02  # "within 2 points": of re-tuning (distill on stored prompts), of fine-tuning on the new base (the gate)
+
+
+def strategies(rows: list[dict], cells, chosen: dict) -> dict | None:
+    """Per update and task, each strategy's exact match, steps and seconds over seeds, whether it used labels,
+    and the goals: distill on stored prompts against retune (points and seconds), the share of the gap from
+    direct transfer to retune that distill on synthetic prompts recovers, and what the gate's order
+    direct, scaled, distill, retune would serve (every adapter within 2 points of fine-tuning on the new
+    base?) with how many labelled rows, against re-tuning every adapter that fails as transferred."""
+    mine = [r for r in rows if r["arm"].startswith("strategy:")]
+    if not mine:
+        return None
+    t, pc, pi = chosen["targets"], chosen["p_c"], chosen["p_i"]
+    by: dict[tuple, dict[int, dict]] = defaultdict(dict)
+    for r in mine:
+        by[(r["update"], r["task"], r["arm"].removeprefix("strategy:"))][r["seed"]] = r
+    names = [n for n in STRATEGY_ORDER if any(k[2] == n for k in by)]
+    updates = sorted({k[0] for k in by})
+    tasks = sorted({k[1] for k in by})
+    def cell(seeds: dict[int, dict]) -> dict:
+        return {"exact_match": spread([r["exact_match"] for r in seeds.values()]),
+                "steps": max(r["steps"] for r in seeds.values()),
+                "seconds": spread([r["seconds"] for r in seeds.values()]),
+                "labels": max(r["labels"] for r in seeds.values())}
+
+    table = {u: {task: {n: cell(by[(u, task, n)]) for n in names if (u, task, n) in by} for task in tasks}
+             for u in updates}
+    goals = {}
+    for u in updates:
+        def pooled(name, task_list=tasks):
+            return [by[(u, task, name)][s]["exact_match"] for task in task_list for s in sorted(by[(u, task, name)])
+                    if (u, task, name) in by]
+        goal = {}
+        if {"distill", "retune"} <= set(names):
+            d, r = pooled("distill"), pooled("retune")
+            ds = [x["seconds"] for task in tasks for x in by[(u, task, "distill")].values()]
+            rs = [x["seconds"] for task in tasks for x in by[(u, task, "retune")].values()]
+            goal["distill_minus_retune"] = round(statistics.fmean(d) - statistics.fmean(r), 4)
+            goal["distill_seconds_over_retune"] = round(sum(ds) / sum(rs), 3)
+            goal["distill_within_2_points_at_no_more_compute"] = (goal["distill_minus_retune"] >= -WITHIN
+                                                                 and goal["distill_seconds_over_retune"] <= 1.0)
+        if {"distill-synthetic", "retune"} <= set(names):
+            gained = gap = 0.0
+            for task in tasks:
+                transferred = cells.get((u, task, "transpeft", t, pc, pi), {})
+                for s, row in by.get((u, task, "distill-synthetic"), {}).items():
+                    if s in transferred and s in by.get((u, task, "retune"), {}):
+                        gained += row["exact_match"] - transferred[s]
+                        gap += by[(u, task, "retune")][s]["exact_match"] - transferred[s]
+            goal["synthetic_gap_recovered"] = round(gained / gap, 3) if gap > NO_GAP else None
+            goal["synthetic_recovers_half"] = None if gap <= NO_GAP else gained / gap >= 0.5
+        goals[u] = goal
+    return {"strategies": names, "table": table, "goals": goals, "gate": gate_choice(by, cells, chosen, names)}
+
+
+def gate_choice(by: dict, cells, chosen: dict, names: list[str], min_retention: float = 0.8,
+                min_score: float = 0.5) -> dict:
+    """What the gate's order direct, then ``names`` would serve per update, task and seed, on the shipped
+    gate (retention against the adapter on its old base, and the absolute floor; the zero-shot rule needs
+    the new base's own score, which the study does not measure): the chosen strategy, its score against
+    fine-tuning on the new base, and the labelled rows it used against re-tuning every failure."""
+    t, pc, pi = chosen["targets"], chosen["p_c"], chosen["p_i"]
+    out = {}
+    for u in sorted({k[0] for k in by}):
+        picks, short, labels_used, labels_retune_all = [], [], 0, 0
+        for task in sorted({k[1] for k in by if k[0] == u}):
+            old = cells.get((u, task, "ft_old", t, pc, pi), {})
+            transferred = cells.get((u, task, "transpeft", t, pc, pi), {})
+            new = cells.get((u, task, "ft_new", t, 0.0, 0.0), {})
+            for seed, score in sorted(transferred.items()):
+                floor = max(min_score, min_retention * old.get(seed, 0.0))
+                pick, served, labels = "direct", score, 0
+                if score < floor:
+                    retune = by.get((u, task, "retune"), {}).get(seed)
+                    labels_retune_all += retune["labels"] if retune else 0
+                    pick = None
+                    for name in names:
+                        row = by.get((u, task, name), {}).get(seed)
+                        if row is not None and row["exact_match"] >= floor:
+                            pick, served, labels = name, row["exact_match"], row["labels"]
+                            break
+                    if pick is None:
+                        pick, labels = "flagged", 0
+                picks.append(pick)
+                labels_used += labels
+                if seed in new and served < new[seed] - WITHIN:
+                    short.append({"task": task, "seed": seed, "served": served, "ft_new": new[seed], "by": pick})
+        out[u] = {"chosen": dict(sorted(Counter(picks).items())), "within_2_points_of_ft_new": not short,
+                  "short": short, "labels_used": labels_used, "labels_retune_every_failure": labels_retune_all}
+    return out
+
+
 def summarize(rows: list[dict], config, chosen: dict) -> dict:
     """The study's summary.json: the main table at the chosen setting, the grid, the re-tune curves."""
     cells = _index(rows)
@@ -176,7 +269,9 @@ def summarize(rows: list[dict], config, chosen: dict) -> dict:
     retune = {update: {label: {str(s): spread(v)["mean"] for s, v in retune_curve(cells, update, t, *start).items()}
                        for label, start in (("direct", (0.0, 0.0)), ("transpeft", (pc, pi)))} for update in updates}
     knee = retune_knee(cells, chosen)
-    return {"chosen": chosen, "defaults": {"target_modules": t, "p_c": pc, "p_i": pi, "retune_steps": knee},
+    carried = strategies(rows, cells, chosen)
+    return {**({"strategies": carried} if carried else {}), "chosen": chosen,
+            "defaults": {"target_modules": t, "p_c": pc, "p_i": pi, "retune_steps": knee},
             "table": table, "grid": grid, "retune": retune, "retune_knee": knee,
             "seeds": list(config.seeds), "updates": list(config.updates), "tasks": list(config.tasks),
             "adapter": {"r": config.r, "alpha": config.alpha, "steps": config.steps, "batch_size": config.batch_size,
@@ -240,6 +335,46 @@ def _budgets(summary: dict) -> list[str]:
     return sorted({s for starts in summary["retune"].values() for c in starts.values() for s in c}, key=int)
 
 
+def strategies_table(summary: dict) -> str:
+    """Markdown: per update and task, each strategy's exact match ± spread, its steps and seconds, and labels."""
+    carried = summary["strategies"]
+    names = carried["strategies"]
+    lines = ["| update | task | " + " | ".join(f"{n}: exact match / seconds" for n in names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for update, tasks in carried["table"].items():
+        for task, row in tasks.items():
+            lines.append(f"| {update} | {task} | " + " | ".join(
+                f"{_pm(row[n]['exact_match'])} / {row[n]['seconds']['mean']:.0f} s" if n in row else "-"
+                for n in names) + " |")
+    cells = [row for tasks in carried["table"].values() for row in tasks.values()]
+    labels = ", ".join(f"{n} {'yes' if any(row[n]['labels'] for row in cells if n in row) else 'no'}" for n in names)
+    return "\n".join(lines) + f"\n\nUses labelled rows: {labels}."
+
+
+def strategies_goals(summary: dict) -> str:
+    carried = summary["strategies"]
+    lines = []
+    for update, goal in carried["goals"].items():
+        gate = carried["gate"][update]
+        parts = []
+        if "distill_minus_retune" in goal:
+            parts.append(f"distill on stored prompts {100 * goal['distill_minus_retune']:+.1f} points against retune, "
+                         f"at {goal['distill_seconds_over_retune']:.2f}x its seconds (goal: within 2 points at no "
+                         "more: "
+                         f"{'met' if goal['distill_within_2_points_at_no_more_compute'] else 'missed'})")
+        if goal.get("synthetic_gap_recovered") is not None:
+            parts.append(f"distill on synthetic prompts recovers {100 * goal['synthetic_gap_recovered']:.0f} % of the "
+                         f"gap from direct transfer to retune (goal: half: "
+                         f"{'met' if goal['synthetic_recovers_half'] else 'missed'})")
+        chosen = ", ".join(f"{k} {v}" for k, v in gate["chosen"].items())
+        parts.append(f"the gate's order serves {chosen}; every adapter within 2 points of fine-tuning on the new base: "
+                     f"{'yes' if gate['within_2_points_of_ft_new'] else 'no, ' + str(len(gate['short'])) + ' short'}; "
+                     f"labelled rows used {gate['labels_used']}, against {gate['labels_retune_every_failure']} to "
+                     "re-tune every failure")
+        lines.append(f"- **{update}**: " + "; ".join(parts) + ".")
+    return "\n".join(lines)
+
+
 def report(summary: dict) -> str:
     c, d = summary["chosen"], summary["defaults"]
     return "\n".join([
@@ -251,7 +386,9 @@ def report(summary: dict) -> str:
         main_table(summary), "",
         "## The grid", "", grid_table(summary), "",
         f"## Re-tuning from the transferred weights (mean over tasks and seeds); knee: {d['retune_steps']} steps", "",
-        retune_table(summary), ""])
+        retune_table(summary), "",
+        *(["## Carrying the chosen adapters over: the gate's strategies (mean ± spread over seeds)", "",
+            strategies_table(summary), "", strategies_goals(summary), ""] if "strategies" in summary else [])])
 
 
 def write_outputs(rows: list[dict], summary: dict, out: Path) -> list[Path]:

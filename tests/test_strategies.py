@@ -166,3 +166,14 @@ def test_scaled_that_finds_no_better_alpha_than_one_makes_no_candidate(fleet):
                          replace(GATE, strategies=("scaled",), beat_zero_shot=False, min_score=1.01),
                          fleet.root / "work-one")
     assert outcome.decision == "flagged" and outcome.attempts[-1]["note"].startswith("no alpha beats 1")
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "bottleneck"])
+def test_scaled_finds_the_update_of_every_method(method):
+    """Each method's parameters that ``scaled`` multiplies exist under the names it looks for."""
+    from transpeft.methods import get_method
+    from transpeft.strategies import _UPDATES
+
+    model = get_method(method).attach(tiny_model(seed=0), MethodConfig(name=method, r=4))
+    suffixes, _ = _UPDATES[method]
+    assert any(name.endswith(suffixes) for name, _ in model.named_parameters())

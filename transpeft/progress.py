@@ -10,6 +10,7 @@ the step, what the loop reports (``set_postfix(loss=...)``) and the rate:
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Iterable
@@ -32,8 +33,12 @@ def progress(iterable: Iterable, desc: str, unit: str = "step", enabled: bool = 
 def without_library_bars():
     """Turns off transformers' own bars: one over the tensors of every model loaded, one over the shards of
     every model saved. They last a fraction of a second here and, outside a terminal, leave a frame per
-    tensor in the log; the long steps have bars of their own, from ``progress``."""
+    tensor in the log; the long steps have bars of their own, from ``progress``. Outside a terminal
+    MLflow's bar over an artifact download goes too (a worker's log held a few frames per adapter
+    fetched); it reads its switch from the environment at each download, so the switch is set there."""
     hf_logging.disable_progress_bar()
+    if not sys.stderr.isatty():
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 class Lines:

@@ -151,6 +151,9 @@ def scaled(means: Means) -> Attempt:
     try:
         suffixes, scale = _UPDATES[method]
         updates = {n: p for n, p in adapted.named_parameters() if n.endswith(suffixes)}
+        if not updates:  # a layout this code does not know: say so rather than scale nothing
+            return Attempt("scaled", None, note=f"no {method} update found to scale",
+                           seconds=time.perf_counter() - started)
         original = {n: p.detach().clone() for n, p in updates.items()}
         tried = {}
         for alpha in sorted({1.0, *means.gate.alphas}):

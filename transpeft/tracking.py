@@ -37,6 +37,7 @@ from mlflow.exceptions import MlflowException
 from .adapters import Manifest, read_manifest
 from .bases import BaseInfo
 from .health import health_problem
+from .progress import without_library_bars
 
 DEFAULT_TRACKING_URI = "http://127.0.0.1:5000"
 BASE_PREFIX, ADAPTER_PREFIX = "base-", "adapter-"
@@ -129,6 +130,7 @@ class Registry:
     def __init__(self, uri: str | None = None):
         self.uri = tracking_uri(uri)
         check_reachable(self.uri)
+        without_library_bars()  # downloads draw no bar into a log
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         # What never changes once it exists, kept for the next call: experiment ids by name, and the
         # fingerprint of each ready base version (a version's weights are never replaced).

@@ -135,7 +135,7 @@ def test_the_strategies_phase_carries_each_chosen_adapter_over_every_way_and_rep
     summary = run_study(quick, _inputs(family, "ws"), family / "ws-out", say=lambda _: None)
     rows = [r for r in json.loads((family / "ws-out" / "results.json").read_text()) if r["arm"].startswith("strategy:")]
     assert sorted((r["arm"], r["seed"]) for r in rows) == sorted((f"strategy:{n}", s) for n in names for s in (0, 1))
-    assert all(set(r) == ROW_KEYS | {"steps", "seconds", "labels", "used", "note"} for r in rows)
+    assert all(set(r) == ROW_KEYS | {"transferred", "old", "steps", "seconds", "labels", "used", "note"} for r in rows)
     by = {r["arm"].removeprefix("strategy:"): r for r in rows if r["seed"] == 0}
     assert by["retune"]["labels"] == 32 and by["retune"]["steps"] == 2  # every training row's label
     # The quick study's 4-step adapters never end an answer, so there is nothing to distil (tests/test_strategies.py

@@ -220,7 +220,9 @@ def distill(means: Means) -> Attempt:
             answers = greedy_answers(teacher, tokenizer, prompts)
             examples = [Example(p, a) for p, a in zip(prompts, answers) if a is not None]
             if not examples:
-                return Attempt("distill", None, used=used, note="the teacher ended no answer")
+                return Attempt("distill", None, used=used, seconds=time.perf_counter() - started,
+                               note="the old base wrote no prompt like the seeds" if not prompts
+                               else "the teacher ended no answer")
             config = retune_config(means.manifest.training, gate, gate.distill_steps)
             return _tuned(means, "distill", config, means.workdir / f"{means.name}-distilled", examples, kl_to(teacher),
                           {"labels": 0, **used}, f"{gate.prompts} prompts, {len(examples)} answered", started)
@@ -305,33 +307,34 @@ def greedy_answers(model, tokenizer, prompts: list[str], batch_size: int = 32) -
 @torch.no_grad()
 def sample_prompts(model, tokenizer, seeds: list[str], n: int, rng: random.Random, batch_size: int = 32,
                    tries: int = 4) -> list[str]:
-    """Up to ``n`` new prompts like ``seeds``, sampled from ``model`` (a base without the adapter) after the
-    seeds in a shuffled order. The seeds' own ending (their last character, e.g. a newline) ends one; a
-    repeat, a seed itself or one that never ends is dropped."""
+    """Up to ``n`` new prompts like ``seeds``, sampled from ``model`` (a base without the adapter): the seeds,
+    shuffled, as documents of their own (``[bos] prompt [eos]``, as the base saw text in pretraining),
+    then a new document begun, sampled until it ends. A sample is kept when it ends as the seeds do (their
+    last character, e.g. a newline) and is neither a seed nor a repeat."""
     if not seeds:
         return []
     bos, eos, pad = special_ids(tokenizer)
     device = next(model.parameters()).device
     end = seeds[0][-1]
-    longest = max(len(tokenizer.encode(seed, add_special_tokens=False)) for seed in seeds)
+    framed = {s: ([bos] if bos is not None else []) + tokenizer.encode(s, add_special_tokens=False) + [eos]
+              for s in seeds}
+    longest = max(map(len, framed.values()))
     found: dict[str, None] = {}
     for _ in range(tries * max(1, -(-n // batch_size))):
         if len(found) >= n:
             break
-        rows = []
-        for _ in range(batch_size):
-            shown = rng.sample(seeds, len(seeds))
-            rows.append(([bos] if bos is not None else []) + tokenizer.encode("".join(shown), add_special_tokens=False))
+        rows = [[t for s in rng.sample(seeds, len(seeds)) for t in framed[s]] + ([bos] if bos is not None else [])
+                for _ in range(batch_size)]
         ids, mask = _left_padded(rows, pad, device)
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True,  # at most twice a seed's length
-                             max_new_tokens=_room(model, ids.shape[1], min(MAX_PROMPT_TOKENS, 2 * longest + 8)),
+                             max_new_tokens=_room(model, ids.shape[1], min(MAX_PROMPT_TOKENS, 2 * longest)),
                              temperature=1.0, top_k=0, eos_token_id=eos, pad_token_id=pad)[:, ids.shape[1]:].tolist()
         for new in out:
-            text = tokenizer.decode([t for t in new if t not in (eos, pad)], skip_special_tokens=True)
-            if end in text:
-                prompt = text[:text.index(end) + 1]
-                if prompt.strip() and prompt not in seeds:
-                    found.setdefault(prompt)
+            if eos not in new:
+                continue
+            prompt = tokenizer.decode(new[:new.index(eos)], skip_special_tokens=True)
+            if prompt.strip() and prompt.endswith(end) and prompt not in seeds:
+                found.setdefault(prompt)
     return list(found)[:n]
 
 

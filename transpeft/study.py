@@ -192,12 +192,14 @@ def _carry(job: Job) -> list[dict]:
     with tempfile.TemporaryDirectory() as work:
         means = Means(job.start, slot, adapter, manifest, [task], gate_rows, held_out, gate, Path(work), teacher)
         attempt = STRATEGIES["distill" if synthetic else job.strategy](means)
-        scores = attempt.scores or direct(means).scores  # no candidate: it serves as transferred
+        as_transferred = direct(means).scores  # the same adapter, on the same rows, as it is
+        scores = attempt.scores or as_transferred  # no candidate: it serves as transferred
     new[0] = slot.model
     return [{"task": t, "update": job.score_on[0], "arm": f"strategy:{job.strategy}", "p_c": job.p_c, "p_i": job.p_i,
-             "targets": job.targets, "seed": job.seed, "exact_match": v, "steps": attempt.steps,
-             "seconds": round(attempt.seconds, 2), "labels": attempt.used.get("labels", 0), "used": attempt.used,
-             "note": attempt.note} for t, v in scores.items()]
+             "targets": job.targets, "seed": job.seed, "exact_match": v, "transferred": as_transferred[t],
+             "old": manifest.metrics[t]["exact_match"], "steps": attempt.steps, "seconds": round(attempt.seconds, 2),
+             "labels": attempt.used.get("labels", 0), "used": attempt.used, "note": attempt.note}
+            for t, v in scores.items()]
 
 
 # -- the study ------------------------------------------------------------------------------------
@@ -300,7 +302,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 # The modules whose code decides a job's numbers: a change to any of them re-runs every job.
 _SCORING_CODE = ("train.py", "seeding.py", "regularisers.py", "methods.py", "bottleneck.py", "batching.py",
-                 "evaluate.py", "transfer.py", "adapters.py")
+                 "evaluate.py", "transfer.py", "adapters.py", "strategies.py")
 
 
 def base_identity(inputs: Inputs, versions: list[str]) -> dict:

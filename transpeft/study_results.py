@@ -158,7 +158,6 @@ def strategies(rows: list[dict], cells, chosen: dict) -> dict | None:
     mine = [r for r in rows if r["arm"].startswith("strategy:")]
     if not mine:
         return None
-    t, pc, pi = chosen["targets"], chosen["p_c"], chosen["p_i"]
     by: dict[tuple, dict[int, dict]] = defaultdict(dict)
     for r in mine:
         by[(r["update"], r["task"], r["arm"].removeprefix("strategy:"))][r["seed"]] = r
@@ -167,6 +166,7 @@ def strategies(rows: list[dict], cells, chosen: dict) -> dict | None:
     tasks = sorted({k[1] for k in by})
     def cell(seeds: dict[int, dict]) -> dict:
         return {"exact_match": spread([r["exact_match"] for r in seeds.values()]),
+                "transferred": spread([r["transferred"] for r in seeds.values()]),
                 "steps": max(r["steps"] for r in seeds.values()),
                 "seconds": spread([r["seconds"] for r in seeds.values()]),
                 "labels": max(r["labels"] for r in seeds.values())}
@@ -188,17 +188,17 @@ def strategies(rows: list[dict], cells, chosen: dict) -> dict | None:
             goal["distill_within_2_points_at_no_more_compute"] = (goal["distill_minus_retune"] >= -WITHIN
                                                                  and goal["distill_seconds_over_retune"] <= 1.0)
         if {"distill-synthetic", "retune"} <= set(names):
-            gained = gap = 0.0
+            gained = gap = 0.0  # from the same adapter as transferred, on the same rows
             for task in tasks:
-                transferred = cells.get((u, task, "transpeft", t, pc, pi), {})
                 for s, row in by.get((u, task, "distill-synthetic"), {}).items():
-                    if s in transferred and s in by.get((u, task, "retune"), {}):
-                        gained += row["exact_match"] - transferred[s]
-                        gap += by[(u, task, "retune")][s]["exact_match"] - transferred[s]
+                    if s in by.get((u, task, "retune"), {}):
+                        gained += row["exact_match"] - row["transferred"]
+                        gap += by[(u, task, "retune")][s]["exact_match"] - row["transferred"]
             goal["synthetic_gap_recovered"] = round(gained / gap, 3) if gap > NO_GAP else None
             goal["synthetic_recovers_half"] = None if gap <= NO_GAP else gained / gap >= 0.5
         goals[u] = goal
-    return {"strategies": names, "table": table, "goals": goals, "gate": gate_choice(by, cells, chosen, names)}
+    order = [n for n in names if n != "distill-synthetic"]  # the gate tries one kind of distillation
+    return {"strategies": names, "table": table, "goals": goals, "gate": gate_choice(by, cells, chosen, order)}
 
 
 def gate_choice(by: dict, cells, chosen: dict, names: list[str], min_retention: float = 0.8,
@@ -206,17 +206,19 @@ def gate_choice(by: dict, cells, chosen: dict, names: list[str], min_retention: 
     """What the gate's order direct, then ``names`` would serve per update, task and seed, on the shipped
     gate (retention against the adapter on its old base, and the absolute floor; the zero-shot rule needs
     the new base's own score, which the study does not measure): the chosen strategy, its score against
-    fine-tuning on the new base, and the labelled rows it used against re-tuning every failure."""
-    t, pc, pi = chosen["targets"], chosen["p_c"], chosen["p_i"]
+    fine-tuning on the new base, and the labelled rows it used against re-tuning every failure. The adapter's
+    old and transferred scores are the strategy rows' own (the adapter they carried)."""
+    t = chosen["targets"]
     out = {}
     for u in sorted({k[0] for k in by}):
         picks, short, labels_used, labels_retune_all = [], [], 0, 0
         for task in sorted({k[1] for k in by if k[0] == u}):
-            old = cells.get((u, task, "ft_old", t, pc, pi), {})
-            transferred = cells.get((u, task, "transpeft", t, pc, pi), {})
+            first = by[(u, task, names[0])]
+            old = {s: r["old"] for s, r in first.items()}
+            transferred = {s: r["transferred"] for s, r in first.items()}
             new = cells.get((u, task, "ft_new", t, 0.0, 0.0), {})
             for seed, score in sorted(transferred.items()):
-                floor = max(min_score, min_retention * old.get(seed, 0.0))
+                floor = max(min_score, min_retention * old[seed])
                 pick, served, labels = "direct", score, 0
                 if score < floor:
                     retune = by.get((u, task, "retune"), {}).get(seed)
@@ -339,11 +341,11 @@ def strategies_table(summary: dict) -> str:
     """Markdown: per update and task, each strategy's exact match ± spread, its steps and seconds, and labels."""
     carried = summary["strategies"]
     names = carried["strategies"]
-    lines = ["| update | task | " + " | ".join(f"{n}: exact match / seconds" for n in names) + " |",
-             "|---|---|" + "---|" * len(names)]
+    lines = ["| update | task | as transferred | " + " | ".join(f"{n}: exact match / seconds" for n in names) + " |",
+             "|---|---|---|" + "---|" * len(names)]
     for update, tasks in carried["table"].items():
         for task, row in tasks.items():
-            lines.append(f"| {update} | {task} | " + " | ".join(
+            lines.append(f"| {update} | {task} | {_pm(row[names[0]]['transferred'])} | " + " | ".join(
                 f"{_pm(row[n]['exact_match'])} / {row[n]['seconds']['mean']:.0f} s" if n in row else "-"
                 for n in names) + " |")
     cells = [row for tasks in carried["table"].values() for row in tasks.values()]

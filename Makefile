@@ -28,7 +28,8 @@ demo: install
 demo-and-serve: demo
 	tail -F .stack/logs/worker.log
 
-# The transfer study on the demo family (transpeft/study.py): about 40 min on 2 CPU cores, resumable.
+# The transfer study on the demo family (transpeft/study.py), its strategies phase included: about an hour on
+# 2 CPU cores, resumable.
 study: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro study
 

@@ -211,13 +211,14 @@ def test_defaults_of_params_library_and_cli_are_the_committed_studys_choice():
 def test_readme_tables_are_the_committed_studys_numbers():
     from pathlib import Path
 
-    from transpeft.study_results import grid_table
+    from transpeft.study_results import grid_table, strategies_goals, strategies_table
 
     root = Path(__file__).resolve().parents[1]
     summary = json.loads((root / "study/summary.json").read_text())
     readme = (root / "README.md").read_text()
     assert main_table(summary) in readme
     assert grid_table(summary) in readme
+    assert strategies_table(summary) in readme and strategies_goals(summary) in readme
     rows = json.loads((root / "study/results.json").read_text())
     assert len({r["seed"] for r in rows}) >= 3 and len({r["update"] for r in rows}) >= 2
     assert all(set(r) == ROW_KEYS for r in rows if not r["arm"].startswith("strategy:"))

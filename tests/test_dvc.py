@@ -66,7 +66,8 @@ def project(tmp_path_factory, mlflow_server):
                            "study.tasks": ["reverse", "add"], "study.seeds": [0, 1],
                            "study.grid": [["qkvo", 0.0, 0.0], ["qkvo", 0.3, 0.0]],
                            "study.targets": {"qkvo": ["q_proj", "v_proj"]}, "study.steps": 2,
-                           "study.batch_size": 8, "study.retune_steps": [2], "study.workers": 1})
+                           "study.batch_size": 8, "study.retune_steps": [2], "study.workers": 1,
+                           "study.strategy_steps": 2, "study.prompts_per_task": 4})
     run(project, "git", "init", "-q")
     run(project, "dvc", "init", "-q")
     run(project, "dvc", "remote", "add", "-d", "local", str(tmp_path_factory.mktemp("remote")))

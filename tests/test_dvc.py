@@ -95,7 +95,8 @@ def test_repro_runs_every_stage_and_prints_the_transfer_table(project, first_rep
 def test_repro_runs_the_study_its_metrics_plots_and_mlflow_run(project, first_repro, mlflow_server):
     assert "Running stage 'study'" in first_repro
     rows = json.loads((project / "study/results.json").read_text())
-    assert {r["arm"] for r in rows} == {"ft_old", "direct", "transpeft", "ft_new", "retune@2"}
+    assert {r["arm"] for r in rows} == {"ft_old", "direct", "transpeft", "ft_new", "retune@2", "strategy:scaled",
+                                       "strategy:distill", "strategy:distill-synthetic", "strategy:retune"}
     metrics = run(project, "dvc", "metrics", "show", "study/summary.json").stdout
     assert "table.v1->v2.reverse.gap_closed.mean" in metrics or "gap_closed" in metrics
     run(project, "dvc", "plots", "show", "-o", project / "study-plots")

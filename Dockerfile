@@ -8,7 +8,9 @@
 # The servers listen on 0.0.0.0 here, so they start only locked (transpeft/auth.py): secrets.env, kept
 # out of the image and the repository, holds MLFLOW_TRACKING_PASSWORD=... (12 characters at least) and
 # PREFECT_API_AUTH_STRING=admin:...; or mount them as files and pass MLFLOW_TRACKING_PASSWORD_FILE and
-# PREFECT_API_AUTH_STRING_FILE. The UIs ask for them; the webhook receiver stays on loopback.
+# PREFECT_API_AUTH_STRING_FILE. The UIs ask for them; the webhook receiver stays on loopback, so MLflow
+# must be let send webhooks to private addresses (TRANSPEFT_LOCAL_WEBHOOKS): whoever holds the
+# MLflow password could aim a webhook at an address the container reaches.
 #
 # GPU variant: a CUDA build of the same torch, from PyTorch's index, on an image with the CUDA runtime:
 #   docker build -t transpeft:gpu --build-arg BASE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
@@ -46,7 +48,8 @@ ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
     MLFLOW_DISABLE_TELEMETRY=true \
     DVC_NO_ANALYTICS=1 \
     TRANSPEFT_BIND_HOST=0.0.0.0 \
-    MLFLOW_HOST=0.0.0.0
+    MLFLOW_HOST=0.0.0.0 \
+    TRANSPEFT_LOCAL_WEBHOOKS=1
 RUN make install TORCH_INDEX_URL="${TORCH_INDEX_URL}"
 
 # `make test` also needs PostgreSQL (the at-scale stack) and Chromium (the MLflow UI checked in a

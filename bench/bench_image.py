@@ -55,6 +55,7 @@ DEMO_DONE = "The story took"  # the story's last paragraph begins so (transpeft/
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--build-only", action="store_true", help="build the images; run neither tests nor demo")
+    parser.add_argument("--no-tests", action="store_true", help="the image and its demo; no test image, no make test")
     parser.add_argument("--rebuild-base", action="store_true", help=f"make {BASE_IMAGE} again with debootstrap")
     parser.add_argument("--mirror", default="http://deb.debian.org/debian", help="Debian mirror for debootstrap")
     parser.add_argument("--logs", type=Path, default=ROOT / ".image-logs", help="where each step's full output goes")
@@ -67,13 +68,16 @@ def main() -> None:
     results["base_image"] = base_image(args.mirror, args.rebuild_base, args.logs)
     with wheels_served() as find_links, host_certificates():
         results["pip_find_links"] = find_links or None
-        for name, tag, extra in (("image", IMAGE, []), ("test_image", TEST_IMAGE, ["--build-arg", "TEST_TOOLS=1"])):
+        images = [("image", IMAGE, [])] + ([] if args.no_tests else [("test_image", TEST_IMAGE, ["--build-arg",
+                                                                                              "TEST_TOOLS=1"])])
+        for name, tag, extra in images:
             built = build(tag, find_links, extra, args.logs / f"build-{name}.log")
             results[name] = {"tag": tag, **built, "size_mib": image_mib(tag)}
             write(args.out, results)
     if not args.build_only:
-        results["make_test"] = make_test(args.logs / "make-test.log")
-        write(args.out, results)
+        if not args.no_tests:
+            results["make_test"] = make_test(args.logs / "make-test.log")
+            write(args.out, results)
         results["demo"] = demo(args.logs / "demo.log")
     write(args.out, results)
     print(json.dumps(results, indent=2))
@@ -105,6 +109,7 @@ def base_image(mirror: str, rebuild: bool, logs: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="transpeft-rootfs-") as root:
         run_logged(["debootstrap", "--variant=minbase", "bookworm", root, mirror], logs / "debootstrap.log",
                    "base image: debootstrap")
+        os.chmod(root, 0o755)  # the image's / is this folder: made 0700, no other user could reach a file
         tar = subprocess.Popen(["tar", "-C", root, "-c", "."], stdout=subprocess.PIPE)
         subprocess.run(["docker", "import", "-", BASE_IMAGE], stdin=tar.stdout, check=True, capture_output=True)
         if tar.wait() != 0:

@@ -275,8 +275,11 @@ def start_mlflow(stack: Stack, say) -> None:
     if not settings.get("MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"):  # a Fernet key: 32 random bytes, url-safe base64
         settings["MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"] = _kept_secret(
             store / "webhook-encryption.key", lambda: base64.urlsafe_b64encode(secrets.token_bytes(32)).decode())
-    # The receiver is on loopback: private addresses are open to webhooks only while nobody else can reach MLflow.
-    settings["MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS"] = str(auth.is_loopback(settings["MLFLOW_HOST"])).lower()
+    # The receiver is on loopback: private addresses are open to webhooks only while nobody else can reach
+    # MLflow, or where the deployment says so (TRANSPEFT_LOCAL_WEBHOOKS=1: the image, whose MLflow
+    # listens beyond loopback behind its password, and whose receiver is on the container's loopback).
+    private = auth.is_loopback(settings["MLFLOW_HOST"]) or stack.env().get("TRANSPEFT_LOCAL_WEBHOOKS") == "1"
+    settings["MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS"] = str(private).lower()
     backend = settings.get("MLFLOW_BACKEND_STORE_URI") or f"sqlite:///{store / 'mlflow.db'}"
     artifacts = settings.get("MLFLOW_ARTIFACTS_DESTINATION") or str(store / "artifacts")
     cmd = [stack.tool("mlflow"), "server", "--host", settings["MLFLOW_HOST"], "--port", str(stack.mlflow_port),

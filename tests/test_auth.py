@@ -124,3 +124,11 @@ def test_a_locked_stack_refuses_strangers_and_takes_its_own_clients(locked, monk
     monkeypatch.setenv(auth.MLFLOW_PASSWORD, password + "-changed")
     with pytest.raises(stack.StackError, match="admin was created with another password"):
         stack.start_mlflow(locked, say=lambda line: None)
+
+
+def test_mlflow_sends_webhooks_to_private_addresses_only_on_loopback_or_when_the_deployment_opts_in():
+    from transpeft.stack import local_webhooks
+
+    assert local_webhooks("127.0.0.1", {}) and local_webhooks("localhost", {})
+    assert not local_webhooks("0.0.0.0", {})  # reachable from other hosts: they could aim it inside
+    assert local_webhooks("0.0.0.0", {"TRANSPEFT_LOCAL_WEBHOOKS": "1"})  # the image's choice (Dockerfile)

@@ -263,6 +263,13 @@ def start_prefect_server(stack: Stack, say) -> psutil.Process:
     return process
 
 
+def local_webhooks(mlflow_host: str, env: dict) -> bool:
+    """Whether MLflow may send webhooks to private addresses, as it must to reach the receiver on loopback:
+    only while nobody else can reach MLflow, or where the deployment says so (TRANSPEFT_LOCAL_WEBHOOKS=1:
+    the image, whose MLflow listens beyond loopback behind its password)."""
+    return auth.is_loopback(mlflow_host) or env.get("TRANSPEFT_LOCAL_WEBHOOKS") == "1"
+
+
 def start_mlflow(stack: Stack, say) -> None:
     """MLflow's tracking server with the settings of mlflow/server.env, which the environment overrides."""
     if _running(stack, "mlflow", say):
@@ -275,11 +282,7 @@ def start_mlflow(stack: Stack, say) -> None:
     if not settings.get("MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"):  # a Fernet key: 32 random bytes, url-safe base64
         settings["MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"] = _kept_secret(
             store / "webhook-encryption.key", lambda: base64.urlsafe_b64encode(secrets.token_bytes(32)).decode())
-    # The receiver is on loopback: private addresses are open to webhooks only while nobody else can reach
-    # MLflow, or where the deployment says so (TRANSPEFT_LOCAL_WEBHOOKS=1: the image, whose MLflow
-    # listens beyond loopback behind its password, and whose receiver is on the container's loopback).
-    private = auth.is_loopback(settings["MLFLOW_HOST"]) or stack.env().get("TRANSPEFT_LOCAL_WEBHOOKS") == "1"
-    settings["MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS"] = str(private).lower()
+    settings["MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS"] = str(local_webhooks(settings["MLFLOW_HOST"], stack.env())).lower()
     backend = settings.get("MLFLOW_BACKEND_STORE_URI") or f"sqlite:///{store / 'mlflow.db'}"
     artifacts = settings.get("MLFLOW_ARTIFACTS_DESTINATION") or str(store / "artifacts")
     cmd = [stack.tool("mlflow"), "server", "--host", settings["MLFLOW_HOST"], "--port", str(stack.mlflow_port),

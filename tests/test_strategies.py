@@ -177,3 +177,19 @@ def test_scaled_finds_the_update_of_every_method(method):
     model = get_method(method).attach(tiny_model(seed=0), MethodConfig(name=method, r=4))
     suffixes, _ = _UPDATES[method]
     assert any(name.endswith(suffixes) for name, _ in model.named_parameters())
+
+
+def test_an_old_base_that_cannot_be_lent_leaves_distill_out_and_the_next_strategy_carries_on(fleet):
+    from transpeft.bases import BaseLoadError
+
+    @contextmanager
+    def gone():
+        raise BaseLoadError("base tiny/v1 at /models/v1 is not the registered one")
+        yield
+
+    outcome = revalidate(new_base(fleet), fleet.root / "adapter", fleet.candidate, fleet.root / "data",
+                         replace(GATE, strategies=("direct", "distill", "retune")), fleet.root / "work-gone",
+                         teacher=gone)
+    assert [a["strategy"] for a in outcome.attempts] == ["direct", "distill", "retune"]
+    assert "distill: does not apply (no teacher: base tiny/v1 at /models/v1 is not the registered one)" in \
+        "; ".join(outcome.reasons)

@@ -254,7 +254,7 @@ def revalidate(slot, adapter_dir: Path, candidate: Candidate, data_dir: Path, ga
             outcome.reasons.append(attempt.line() + ("" if attempt.passed or not attempt.reasons
                                                      else ": " + "; ".join(attempt.reasons)))
         attempts.append(attempt)
-        if attempt.passed:
+        if attempt.passed or getattr(slot, "broken", False):  # a diverged training left the base unusable
             break
     outcome.attempts = [a.as_dict() for a in attempts]
     winner = next((a for a in attempts if a.passed), None)

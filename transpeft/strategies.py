@@ -29,7 +29,7 @@ import hashlib
 import random
 import time
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import Manifest
+from .bases import BaseLoadError
 from .batching import IGNORE, special_ids
 from .data import Example, Task
 from .evaluate import evaluate
@@ -204,36 +205,43 @@ def distill(means: Means) -> Attempt:
     if means.teacher is None:
         return Attempt("distill", None, note="no old base to learn from: the adapter's base is not known here")
     started = time.perf_counter()
+    try:
+        with means.teacher() as old, seeded(means.manifest.seed):  # sampling draws from torch's generator
+            return _distilled(means, old, started)
+    except BaseLoadError as e:  # the old base is gone or changed: the next strategy may still carry it
+        return Attempt("distill", None, seconds=time.perf_counter() - started, note=f"no teacher: {e}")
+
+
+def _distilled(means: Means, old, started: float) -> Attempt:
+    """distill with the old base lent in ``old``, which is bare again afterwards."""
     gate, tokenizer = means.gate, means.slot.tokenizer
     rng = random.Random(f"{means.manifest.seed}-{means.slot.info.version}")
-    with means.teacher() as old, seeded(means.manifest.seed):  # sampling draws from torch's generator
-        if gate.prompts == "synthetic":
-            seeds = {t.name: [ex.prompt for ex in t.train[:gate.seed_examples]] for t in means.tasks}
-            prompts = [p for task in means.tasks
-                       for p in sample_prompts(old.model, tokenizer, seeds[task.name], gate.prompts_per_task, rng)]
-            used = {"synthetic_prompts": len(prompts), "seed_examples": sum(len(s) for s in seeds.values())}
-        else:
-            prompts = [p for task in means.tasks for p in _stored_prompts(task, gate.prompts_per_task, rng)]
-            used = {"prompts": len(prompts)}
-        teacher = load_adapter(old.model, old.info, means.adapter_dir, means.manifest)
-        try:
-            answers = greedy_answers(teacher, tokenizer, prompts)
-            examples = [Example(p, a) for p, a in zip(prompts, answers) if a is not None]
-            if not examples:
-                return Attempt("distill", None, used=used, seconds=time.perf_counter() - started,
-                               note="the old base wrote no prompt like the seeds" if not prompts
-                               else "the teacher ended no answer")
-            config = retune_config(means.manifest.training, gate, gate.distill_steps)
-            return _tuned(means, "distill", config, means.workdir / f"{means.name}-distilled", examples, kl_to(teacher),
-                          {"labels": 0, **used}, f"{gate.prompts} prompts, {len(examples)} answered", started)
-        finally:
-            old.model = unload_adapter(teacher, means.manifest.method.name)
+    if gate.prompts == "synthetic":
+        seeds = {t.name: [ex.prompt for ex in t.train[:gate.seed_examples]] for t in means.tasks}
+        prompts = [p for task in means.tasks
+                   for p in sample_prompts(old.model, tokenizer, seeds[task.name], gate.prompts_per_task, rng)]
+        used = {"synthetic_prompts": len(prompts), "seed_examples": sum(len(s) for s in seeds.values())}
+    else:
+        prompts = [p for task in means.tasks for p in _stored_prompts(task, gate.prompts_per_task, rng)]
+        used = {"prompts": len(prompts)}
+    teacher = load_adapter(old.model, old.info, means.adapter_dir, means.manifest)
+    try:
+        answers = greedy_answers(teacher, tokenizer, prompts)
+        examples = [Example(p, a) for p, a in zip(prompts, answers) if a is not None]
+        if not examples:
+            return Attempt("distill", None, used=used, seconds=time.perf_counter() - started,
+                           note="the old base wrote no prompt like the seeds" if not prompts
+                           else "the teacher ended no answer")
+        config = retune_config(means.manifest.training, gate, gate.distill_steps)
+        return _tuned(means, "distill", config, means.workdir / f"{means.name}-distilled", examples,
+                      kl_to(teacher), {"labels": 0, **used}, f"{gate.prompts} prompts, {len(examples)} answered",
+                      started)
+    finally:
+        old.model = unload_adapter(teacher, means.manifest.method.name)
 
 
 def retune_config(training: dict, gate: Gate, steps: int) -> TrainConfig:
     """The adapter's own schedule, cut to ``steps``, with Trans-PEFT's regularisers on."""
-    from dataclasses import fields
-
     kept = {f.name: training[f.name] for f in fields(TrainConfig) if f.name in training}
     return TrainConfig(**{**kept, "steps": steps, "p_c": gate.retune_p_c, "p_i": gate.retune_p_i})
 

@@ -180,3 +180,16 @@ def test_registering_a_base_creates_a_transfer_run_with_its_family_and_version(c
     emit({key: stored[key] for key in ("id", "occurred", "event", "resource", "payload")}, prefect_server)
     time.sleep(2)
     assert len(runs_of(prefect_server, transfer_deployment, "triggered", "v1")) == 1
+
+
+def test_the_prefect_api_is_the_local_stacks_on_its_port_unless_one_is_given(monkeypatch):
+    from transpeft.events import DEFAULT_PREFECT_API_URL, prefect_api_url
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.delenv("PREFECT_PORT", raising=False)
+    assert prefect_api_url() == DEFAULT_PREFECT_API_URL.rstrip("/")
+    monkeypatch.setenv("PREFECT_PORT", "34473")  # the stack's port, as the image's demo picks it
+    assert prefect_api_url() == "http://127.0.0.1:34473/api"
+    monkeypatch.setenv("PREFECT_API_URL", "http://prefect.internal:4200/api")
+    assert prefect_api_url() == "http://prefect.internal:4200/api"
+    assert prefect_api_url("http://given:1/api/") == "http://given:1/api"

@@ -36,8 +36,11 @@ class EventNotDelivered(RuntimeError):
 
 
 def prefect_api_url(url: str | None = None) -> str:
-    """The Prefect API to announce to: the argument, else PREFECT_API_URL, else the local default."""
-    url = url or os.environ.get("PREFECT_API_URL") or DEFAULT_PREFECT_API_URL
+    """The Prefect API to announce to: the argument, else PREFECT_API_URL, else the local stack's on its
+    PREFECT_PORT (the image's demo runs it on a port of the caller's choosing), else the local default."""
+    port = os.environ.get("PREFECT_PORT")
+    local = f"http://127.0.0.1:{port}/api" if port else DEFAULT_PREFECT_API_URL
+    url = url or os.environ.get("PREFECT_API_URL") or local
     return url.rstrip("/")
 
 

@@ -42,7 +42,7 @@ from .params import Gate
 from .placement import placed
 from .report import registry_matrix, write_decisions, write_report
 from .tracking import AdapterRecord, BaseRecord, NotRegistered, Registry, adapter_name
-from .strategies import STRATEGIES, Means, direct, split_eval
+from .strategies import STRATEGIES, Means, describe_used, direct, split_eval
 from .transfer import IncompatibleBase
 
 DECISIONS = ("passed", "scaled", "distilled", "retuned", "flagged", "failed")
@@ -187,7 +187,7 @@ class Outcome:
                    failure="crashed", old=dict(candidate.old))
 
 
-_zero_shot: dict[tuple[str, str, int], float] = {}
+_zero_shot: dict[tuple[str, int], float] = {}
 _zero_shot_lock = threading.Lock()
 
 
@@ -196,7 +196,7 @@ def zero_shot(model, tokenizer, base: BaseInfo, tasks: list[Task], rows: dict[st
     """The base's own exact match on each task's ``rows`` (no adapter), computed once per base and rows."""
     scores = {}
     for task in tasks:
-        key = (base.fingerprint, task.content_hash, len(rows[task.name]))  # all eval rows, or the gate's share
+        key = (base.fingerprint, hash(tuple(rows[task.name])))  # all eval rows, or the gate's share of them
         with _zero_shot_lock:
             cached = _zero_shot.get(key)
         if cached is None:
@@ -227,7 +227,7 @@ def revalidate(slot, adapter_dir: Path, candidate: Candidate, data_dir: Path, ga
             for task in tasks:
                 held_out[task.name], gate_rows[task.name] = split_eval(task, gate.held_out)
         means = Means(candidate.name, slot, Path(adapter_dir), manifest, tasks, gate_rows, held_out, gate,
-                      Path(workdir), teacher, progress)
+                      Path(workdir), teacher, progress, batch_size)
         first = direct(means)
         outcome.zero_shot = zero_shot(slot.model, slot.tokenizer, target, tasks, gate_rows, batch_size)
     except IncompatibleBase as e:
@@ -337,8 +337,8 @@ def carried_with(outcome: Outcome) -> dict[str, str]:
     winner = outcome.winner
     if winner is None:
         return {"strategy": "none"}
-    used = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in winner["used"].items() if v) or "nothing"
-    return {"strategy": winner["strategy"], "used": used, "labels": str(winner["used"].get("labels", 0) > 0).lower(),
+    return {"strategy": winner["strategy"], "used": describe_used(winner["used"]) or "nothing",
+            "labels": str(outcome.labels == "yes").lower(),
             "strategy_steps": str(winner["steps"])}  # its seconds are the child run's metrics: tags stay reproducible
 
 

@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .adapters import Manifest
+from .adapters import Manifest, save_adapter
 from .bases import BaseLoadError
 from .batching import IGNORE, special_ids
 from .data import Example, Task
@@ -44,7 +44,7 @@ from .evaluate import evaluate
 from .params import Gate
 from .seeding import seeded
 from .train import TrainConfig, TrainingDiverged, train_adapter
-from .transfer import load_adapter, unload_adapter
+from .transfer import load_adapter, score_adapter, unload_adapter
 
 MAX_ANSWER_TOKENS = 128  # a teacher's answer that has not ended by then is dropped, not cut
 MAX_PROMPT_TOKENS = 256  # a synthetic prompt likewise, and it is cut at twice the longest seed
@@ -65,6 +65,7 @@ class Means:
     workdir: Path  # a strategy's new files go in <workdir>/<name>-<what it made>
     teacher: Callable[[], AbstractContextManager] | None = None  # lends the old base (distill)
     progress: bool = False
+    batch_size: int = 32  # of scoring
 
 
 @dataclass
@@ -82,13 +83,9 @@ class Attempt:
     passed: bool = False
     reasons: list[str] = field(default_factory=list)
 
-    @property
-    def labels(self) -> bool:
-        return self.used.get("labels", 0) > 0
-
     def line(self) -> str:
         """What it did, for the gate's reasons: e.g. ``retune: passes (used 2000 labels, 100 steps)``."""
-        used = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in self.used.items() if v)
+        used = describe_used(self.used)
         cost = ", ".join(filter(None, [f"used {used}" if used else "", f"{self.steps} steps" if self.steps else ""]))
         verdict = "does not apply" if self.adapter_dir is None else "passes" if self.passed else "fails"
         said = "; ".join(x for x in (self.note, cost) if x)
@@ -97,6 +94,11 @@ class Attempt:
     def as_dict(self) -> dict:
         return {"strategy": self.strategy, "passed": self.passed, "scores": self.scores, "used": self.used,
                 "steps": self.steps, "seconds": round(self.seconds, 2), "note": self.note, "reasons": self.reasons}
+
+
+def describe_used(used: dict[str, int]) -> str:
+    """What a strategy used, in words: ``2000 labels``, ``256 prompts``; empty for nothing."""
+    return ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in used.items() if v)
 
 
 # -- which eval rows the gate scores ------------------------------------------------------------
@@ -115,8 +117,8 @@ def split_eval(task: Task, share: float) -> tuple[list[Example], list[Example]]:
     return held, kept
 
 
-def _scores(model, tokenizer, rows: dict[str, list[Example]]) -> dict[str, float]:
-    return {task: evaluate(model, tokenizer, examples).exact_match for task, examples in rows.items()}
+def _scores(model, tokenizer, rows: dict[str, list[Example]], batch_size: int) -> dict[str, float]:
+    return {task: evaluate(model, tokenizer, examples, batch_size).exact_match for task, examples in rows.items()}
 
 
 # -- the strategies ----------------------------------------------------------------------------
@@ -125,12 +127,11 @@ def direct(means: Means) -> Attempt:
     """The adapter on the new base as it is."""
     started = time.perf_counter()
     slot = means.slot
-    adapted = load_adapter(slot.model, slot.info, means.adapter_dir, means.manifest)
-    try:
-        scores = _scores(adapted, slot.tokenizer, means.gate_rows)
-    finally:
-        slot.model = unload_adapter(adapted, means.manifest.method.name)
-    return Attempt("direct", str(means.adapter_dir), scores, means.manifest, seconds=time.perf_counter() - started)
+    on_gate_rows = [replace(t, eval=tuple(means.gate_rows[t.name])) for t in means.tasks]
+    scored = score_adapter(slot.model, slot.tokenizer, slot.info, means.adapter_dir, on_gate_rows, means.manifest,
+                           means.batch_size)
+    return Attempt("direct", str(means.adapter_dir), {t: m.exact_match for t, m in scored.items()}, means.manifest,
+                   seconds=time.perf_counter() - started)
 
 
 # What each method adds to the base, as parameter-name suffixes, and how alpha scales it.
@@ -161,7 +162,7 @@ def scaled(means: Means) -> Attempt:
             with torch.no_grad():
                 for n, p in updates.items():
                     p.copy_(scale(original[n], alpha))
-            on_held = _scores(adapted, slot.tokenizer, means.held_out)
+            on_held = _scores(adapted, slot.tokenizer, means.held_out, means.batch_size)
             tried[alpha] = sum(on_held[t] * len(means.held_out[t]) for t in on_held) / held
         best = max(tried, key=lambda a: (tried[a], -abs(a - 1)))  # ties go to the smaller change
         attempt = Attempt("scaled", None, used={"labels": held}, note=f"alpha {best:g}, held-out exact match "
@@ -172,7 +173,7 @@ def scaled(means: Means) -> Attempt:
         with torch.no_grad():
             for n, p in updates.items():
                 p.copy_(scale(original[n], best))
-        attempt.scores = _scores(adapted, slot.tokenizer, means.gate_rows)
+        attempt.scores = _scores(adapted, slot.tokenizer, means.gate_rows, means.batch_size)
         out = means.workdir / f"{means.name}-scaled"
         attempt.manifest = _save(adapted, means.manifest, out, scaled_by=best)
         attempt.adapter_dir = str(out)
@@ -184,8 +185,6 @@ def scaled(means: Means) -> Attempt:
 
 def _save(adapted, manifest: Manifest, out: Path, **how) -> Manifest:
     """The adapter as it is now in ``adapted``, saved with its manifest saying how it was made."""
-    from .adapters import save_adapter
-
     made = replace(manifest, training={**manifest.training, **how})
     save_adapter(adapted, out, made)
     return made
@@ -261,7 +260,7 @@ def _tuned(means: Means, strategy: str, config: TrainConfig, out: Path, examples
                        note=f"{what} diverged: {e}")
     try:
         if means.held_out:  # the manifest scored every eval row; the gate scores only its own
-            scores = _scores(adapted, slot.tokenizer, means.gate_rows)
+            scores = _scores(adapted, slot.tokenizer, means.gate_rows, means.batch_size)
         else:
             scores = {t: m["exact_match"] for t, m in manifest.metrics.items()}
     finally:

@@ -31,8 +31,10 @@ import os
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 from .config import StudyConfig  # defined with the other configuration models; imported from here too
@@ -161,9 +163,6 @@ def run_job(job: Job, key: str, config: StudyConfig) -> list[dict]:
 def _carry(job: Job) -> list[dict]:
     """The trained adapter ``job.start`` carried from the old base to ``job.base`` by one strategy, as the
     revalidation flow's gate would (its own regularisers when it trains); its rows, with what it took."""
-    from contextlib import contextmanager
-    from types import SimpleNamespace
-
     from .adapters import read_manifest
     from .params import Gate
     from .strategies import STRATEGIES, Means, direct, split_eval
@@ -350,10 +349,13 @@ def run_study(config: StudyConfig, inputs: Inputs, out: Path, say: Callable[[str
     chosen = choose(rows, config.max_old_cost)
     say(f"  chosen: {chosen['targets']}, p_c {chosen['p_c']}, p_i {chosen['p_i']} ({chosen['why']})")
     rows += _execute(plan_retune(config, chosen, keys), config, inputs, identity, say, keys)
+    phase = None
     if config.strategies:
         say(f"  the strategies {', '.join(config.strategies)} on the chosen adapters")
+        phase = time.perf_counter()
         rows += _execute(plan_strategies(config, chosen, keys), config, inputs, identity, say, keys)
-    return render(rows, config, out, seconds=round(time.perf_counter() - started, 1))
+        phase = round(time.perf_counter() - phase, 1)
+    return render(rows, config, out, seconds=round(time.perf_counter() - started, 1), strategies_seconds=phase)
 
 
 def run_strategies(config: StudyConfig, inputs: Inputs, out: Path, say: Callable[[str], None] = print) -> dict:
@@ -374,22 +376,21 @@ def run_strategies(config: StudyConfig, inputs: Inputs, out: Path, say: Callable
         f"{len(trained)} adapters, then each carried over by each strategy")
     _execute(trained, config, inputs, identity, say, keys)
     rows += _execute(plan_strategies(config, chosen, keys), config, inputs, identity, say, keys)
-    summary = render(rows, config, out)  # keeps the seconds the whole study took
-    summary_path = out / "summary.json"
-    data = json.loads(summary_path.read_text())
-    data["strategies_seconds"] = round(time.perf_counter() - started, 1)
-    summary_path.write_text(json.dumps(data, indent=2) + "\n")
-    return summary
+    return render(rows, config, out, strategies_seconds=round(time.perf_counter() - started, 1))
 
 
-def render(rows: list[dict], config: StudyConfig, out: Path, seconds: float | None = None) -> dict:
-    """The summary, report and plots of ``rows`` under ``out`` (also from a committed results.json alone)."""
+def render(rows: list[dict], config: StudyConfig, out: Path, seconds: float | None = None,
+           strategies_seconds: float | None = None) -> dict:
+    """The summary, report and plots of ``rows`` under ``out`` (also from a committed results.json alone).
+    ``seconds``, ``strategies_seconds``: what the whole study and its strategies phase took; kept from the
+    summary already there where not given (a re-render)."""
     from .study_results import choose, summarize, write_outputs
 
     rows = sorted(rows, key=lambda r: (r["update"], r["task"], r["arm"], r["targets"], r["p_c"], r["p_i"], r["seed"]))
     summary = summarize(rows, config, choose(rows, config.max_old_cost))
-    if seconds is None and (out / "summary.json").is_file():  # re-rendered: keep what the run took
-        seconds = json.loads((out / "summary.json").read_text()).get("seconds")
-    summary["seconds"] = seconds
+    before = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
+    summary["seconds"] = seconds if seconds is not None else before.get("seconds")
+    if strategies_seconds is not None or "strategies_seconds" in before:
+        summary["strategies_seconds"] = strategies_seconds or before["strategies_seconds"]
     write_outputs(rows, summary, out)
     return summary

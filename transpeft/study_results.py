@@ -201,13 +201,17 @@ def strategies(rows: list[dict], cells, chosen: dict) -> dict | None:
     return {"strategies": names, "table": table, "goals": goals, "gate": gate_choice(by, cells, chosen, order)}
 
 
-def gate_choice(by: dict, cells, chosen: dict, names: list[str], min_retention: float = 0.8,
-                min_score: float = 0.5) -> dict:
-    """What the gate's order direct, then ``names`` would serve per update, task and seed, on the shipped
-    gate (retention against the adapter on its old base, and the absolute floor; the zero-shot rule needs
-    the new base's own score, which the study does not measure): the chosen strategy, its score against
-    fine-tuning on the new base, and the labelled rows it used against re-tuning every failure. The adapter's
-    old and transferred scores are the strategy rows' own (the adapter they carried)."""
+def gate_choice(by: dict, cells, chosen: dict, names: list[str]) -> dict:
+    """What the gate's order direct, then ``names`` would serve per update, task and seed, judged by the
+    revalidation's own ``judge`` on the shipped gate (retention against the adapter on its old base, and
+    the absolute floor; not the zero-shot rule, which needs the new base's own score, which the study does
+    not measure): the chosen strategy, its score against fine-tuning on the new base, and the labelled rows
+    it used against re-tuning every failure. The adapter's old and transferred scores are the strategy
+    rows' own (the adapter they carried)."""
+    from .params import Gate
+    from .revalidate import judge
+
+    gate = Gate(beat_zero_shot=False)
     t = chosen["targets"]
     out = {}
     for u in sorted({k[0] for k in by}):
@@ -218,15 +222,15 @@ def gate_choice(by: dict, cells, chosen: dict, names: list[str], min_retention: 
             transferred = {s: r["transferred"] for s, r in first.items()}
             new = cells.get((u, task, "ft_new", t, 0.0, 0.0), {})
             for seed, score in sorted(transferred.items()):
-                floor = max(min_score, min_retention * old[seed])
+                passes = lambda value: judge({task: value}, {task: old[seed]}, {}, gate).passed  # noqa: E731
                 pick, served, labels = "direct", score, 0
-                if score < floor:
+                if not passes(score):
                     retune = by.get((u, task, "retune"), {}).get(seed)
                     labels_retune_all += retune["labels"] if retune else 0
                     pick = None
                     for name in names:
                         row = by.get((u, task, name), {}).get(seed)
-                        if row is not None and row["exact_match"] >= floor:
+                        if row is not None and passes(row["exact_match"]):
                             pick, served, labels = name, row["exact_match"], row["labels"]
                             break
                     if pick is None:

@@ -51,7 +51,7 @@ def transfer_on_base_update(family: str, version: str, data_dir: str = "pipeline
             error = failure(*chain)
             if error is None:
                 outcomes.append(chain[-1].result())
-                logger.info("%s: %s", candidate.name, outcomes[-1].decision)
+                logger.info("%s", outcomes[-1].line())
             else:  # a crash, after retries for transient I/O: reported, and left for the reconciler
                 crashed.append(candidate.name)
                 outcomes.append(Outcome.crashed(candidate, error))

@@ -66,6 +66,7 @@ def test_failing_adapter_is_retuned_from_its_transferred_weights(trained):
     assert outcome.decision == "retuned"
     assert outcome.new == {"ack": 0.0} and outcome.zero_shot == {"ack": 0.0} and outcome.retuned == {"ack": 1.0}
     assert outcome.reasons[-1] == "retune: passes (used 32 labels, 30 steps)" and outcome.strategy == "retune"
+    assert outcome.line() == f"{trained.candidate.name}: retuned (direct 0.0 ✗, retune 100.0 ✓), labels: yes"
     retuned = read_manifest(outcome.adapter_dir)
     assert retuned.base.version == "v2" and retuned.training["steps"] == 30
     assert (retuned.p_c, retuned.p_i) == (GATE.retune_p_c, GATE.retune_p_i)  # Trans-PEFT again
@@ -106,6 +107,7 @@ def test_incompatible_base_fails_with_each_mismatch(trained):
                          trained.root / "work-bad")
     assert outcome.decision == "failed" and outcome.adapter_dir is None
     assert any("hidden size: adapter expects 32, base has 48" in r for r in outcome.reasons)
+    assert outcome.line().startswith(f"{trained.candidate.name}: failed: incompatible with ")
 
 
 def test_missing_task_data_fails_with_the_path(trained, tmp_path):

@@ -41,7 +41,7 @@ def project(tmp_path, monkeypatch):
     params["bases"]["profile"] = "test"
     params["train"]["tasks"] = ["reverse", "add"]
     params["train"]["schedule"].update(steps=10, batch_size=8)
-    params["gate"]["retune_steps"] = 5
+    params["gate"].update(retune_steps=5, distill_steps=5, prompts_per_task=16)  # the shipped strategies, short
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     ports = {name: free_port() for name in ("PREFECT_PORT", "MLFLOW_PORT", "TRANSPEFT_WEBHOOK_PORT",
@@ -124,7 +124,13 @@ def test_the_story_revalidates_v2_and_v3_by_itself_and_reports_every_arm(project
     assert all(row.endswith("| - |") and row.count("| - |") == 1 for row in rows[2:]), rows  # v3: no fine-tune on new
     for section in ("## Gate decisions", "## Weight drift", "## Attention vs FFN output similarity", "## Compute"):
         assert section in report
-    assert (project / "report" / "report.html").read_text().count("<table>") == 7  # + the step timings
+    for version in ("v2", "v3"):  # each adapter, each strategy of the gate's order, what carried it and its labels
+        section = report.split(f"## v1 -> {version}: how each adapter was carried over")[1].split("\n## ")[0]
+        header, _, *carried = [line for line in section.splitlines() if line.startswith("|")]
+        assert header == ("| adapter | from | direct | scaled | distill | retune | carried by | labels needed "
+                          "| used |"), header
+        assert len(carried) == 4 and all(row.split(" | ")[7] in ("yes", "no", "-") for row in carried), carried
+    assert (project / "report" / "report.html").read_text().count("<table>") == 9  # + the step timings
 
     # At scale: the records in PostgreSQL, the files in S3, the per-adapter tasks on the Dask workers.
     import psycopg2

@@ -100,7 +100,8 @@ class Gate:
     min_score: Real = 0.5  # absolute exact match on the new base
     beat_zero_shot: bool = True  # must beat the new base without any adapter
     # Tried in this order until one carries the adapter past the gate; one that none carries is flagged.
-    strategies: Annotated[tuple[Strategy, ...], nonempty("list at least direct")] = ("direct", "retune")
+    strategies: Annotated[tuple[Strategy, ...], nonempty("list at least direct")] = (
+        "direct", "scaled", "distill", "retune")
     retune_steps: Count = defaults.RETUNE_STEPS
     retune_p_c: Probability = defaults.P_C  # re-tuning is Trans-PEFT again, so the adapter stays transferable
     retune_p_i: Probability = defaults.P_I

@@ -173,6 +173,16 @@ class Outcome:
         """Whether what serves used the task's labels: yes, no, or - when nothing serves."""
         return "-" if self.winner is None else "yes" if self.winner["used"].get("labels") else "no"
 
+    def line(self) -> str:
+        """One line per adapter for the flow's log: its decision, each strategy tried with its mean exact
+        match (%) and whether it passed, and whether what serves needed labels; e.g. ``add-plain-v1:
+        distilled (direct 0.0 ✗, scaled 1.5 ✗, distill 91.0 ✓), labels: no``."""
+        tried = ", ".join(f"{a['strategy']} " + (f"{100 * sum(a['scores'].values()) / len(a['scores']):.1f} "
+                                                 f"{'✓' if a['passed'] else '✗'}" if a["scores"] else "n/a")
+                          for a in self.attempts)
+        return f"{self.adapter}: {self.decision}" + (f" ({tried}), labels: {self.labels}" if tried else
+                                                    f": {'; '.join(self.reasons)[:200]}")
+
     @property
     def served_scores(self) -> dict[str, float]:
         return self.retuned if self.retuned is not None else self.new

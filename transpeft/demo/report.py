@@ -6,8 +6,11 @@ Five arms per task and new base version, all exact match on the task's eval set:
     Trans-PEFT transfer  the Trans-PEFT v1 adapter, put on the new base as it is
     re-tuned             what the revalidation serves (or flagged) on the new base, from the registry
     fine-tune on new     a plain adapter trained from scratch on the new base (dvc.yaml's plain-v2/v3)
-plus the gate's decision per adapter, per-layer weight drift (attention vs FFN) between consecutive
-versions, and the compute the revalidation spent against re-training every adapter from scratch.
+plus, per adapter and new base, each of the gate's strategies as it was tried (direct, scaled, distill,
+retune: its exact match, or not tried once an earlier one carried it), which one carried it and whether
+that needed the task's labels; the gate's decision per adapter, per-layer weight drift (attention vs FFN)
+between consecutive versions, and the compute the revalidation spent against re-training every adapter
+from scratch.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from ..data import load_tasks  # noqa: E402
 from ..drift import activation_similarity, layer_drift  # noqa: E402
 from .family import task_inputs  # noqa: E402
 from ..stages import ADAPTERS, BASES  # noqa: E402
-from ..tracking import Registry  # noqa: E402
+from ..tracking import AdapterRecord, Registry  # noqa: E402
 from ..transfer import evaluate_adapters  # noqa: E402
 
 ARMS = ("fine-tune on old", "direct transfer", "Trans-PEFT transfer", "re-tuned (plain)", "re-tuned (Trans-PEFT)",
@@ -40,8 +43,35 @@ def _served_on(registry: Registry, name: str, version: str):
     return rows[-1] if rows else None
 
 
-def collect(uri: str, tasks: list[str], data_dir: Path, retune_steps: int) -> dict:
-    """Every number of the report, from the registry, the DVC pipeline's outputs and fresh evaluation."""
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def carried_over(record: AdapterRecord, tags: dict[str, str], metrics: dict[str, float],
+                 strategies: list[str]) -> dict:
+    """How one adapter was carried onto a new base, from its registry version's tags and its revalidation
+    run's metrics: per strategy of the gate's order, its mean exact match over the adapter's tasks
+    (``None``: tried, but it made no candidate, e.g. distill without the old base), or "not tried"
+    when an earlier one carried it or the revalidation stopped; the one that carried it; its labels."""
+    tasks = list(record.metrics) or [k.split(".", 1)[1] for k in metrics if k.startswith("exact_match.")]
+    tried: dict[str, float | str | None] = {}
+    for name in strategies:
+        key = "exact_match" if name == "direct" else f"{name}_exact_match"
+        scores = [metrics[f"{key}.{t}"] for t in tasks if f"{key}.{t}" in metrics]
+        if name == "direct" or scores or f"seconds.{name}" in metrics:
+            tried[name] = _mean(scores)
+        else:
+            tried[name] = "not tried"
+    winner = tags.get("strategy", "none")
+    return {"adapter": record.name, "from": record.transferred_from, "tried": tried,
+            "carried by": winner if winner != "none" else "none (flagged)",
+            "labels": {"true": "yes", "false": "no"}.get(tags.get("labels", ""), "-"),
+            "used": tags.get("used", ""), "status": record.status}
+
+
+def collect(uri: str, tasks: list[str], data_dir: Path, strategies: list[str]) -> dict:
+    """Every number of the report, from the registry, the DVC pipeline's outputs and fresh evaluation;
+    ``strategies``: the gate's order (params.yaml gate.strategies), one column each."""
     registry = Registry(uri)
     versions = [b.version for b in registry.bases(FAMILY)]
     old, new_versions = versions[0], versions[1:]
@@ -62,7 +92,7 @@ def collect(uri: str, tasks: list[str], data_dir: Path, retune_steps: int) -> di
                 as_is[(task, run, version)] = scores[str(path)][task]["exact_match"]
 
     arms: dict[str, dict[str, dict[str, float | None]]] = {}  # version -> task -> arm -> score
-    decisions = []
+    decisions, carried = [], {}
     for version in new_versions:
         for task in tasks:
             plain, tp = (_served_on(registry, f"{task}-{r}", version) for r in ("plain-v1", "transpeft-v1"))
@@ -82,6 +112,8 @@ def collect(uri: str, tasks: list[str], data_dir: Path, retune_steps: int) -> di
                     decisions.append({"adapter": record.name, "base": version, "from": record.transferred_from,
                                       "status": record.status, "served": record.serving,
                                       "exact match": record.metrics.get(task), "why": tags.get("gate", "")})
+                    child = registry.run(tags["revalidation_run"]).data.metrics if "revalidation_run" in tags else {}
+                    carried.setdefault(version, []).append(carried_over(record, tags, child, strategies))
 
     drift, similarity = {}, {}
     models = {v: load_base(BaseRef(str(BASES / v), family=FAMILY, version=v))[0] for v in versions}
@@ -96,20 +128,20 @@ def collect(uri: str, tasks: list[str], data_dir: Path, retune_steps: int) -> di
         # every adapter run of every revalidation of this version (a re-run adds none: all were in place)
         children = [r for r in registry.runs("transfer", f"tags.base_version = '{version}'")
                     if "decision" in r.data.tags]
-        evaluate = sum(r.data.metrics.get("seconds.evaluate", 0.0) for r in children)
-        retuned = [r for r in children if "seconds.retune" in r.data.metrics]
-        retune = sum(r.data.metrics["seconds.retune"] for r in retuned)
+        # seconds.<strategy> and steps.<strategy>: every strategy tried, whether or not it carried the adapter
+        seconds = sum(v for r in children for k, v in r.data.metrics.items() if k.startswith("seconds."))
+        steps = int(sum(v for r in children for k, v in r.data.metrics.items() if k.startswith("steps.")))
+        trained = sum(any(k.startswith("steps.") for k in r.data.metrics) for r in children)
         fleet = [registry.run(_served_on(registry, f"{t}-{r}", old).run_id).data.params
                  for t in tasks for r in ("plain-v1", "transpeft-v1")]
         scratch_steps = sum(int(p["steps"]) for p in fleet)
-        steps = len(retuned) * retune_steps
-        compute.append({"update": f"-> {version}", "adapters": len(children), "re-tuned": len(retuned),
+        compute.append({"update": f"-> {version}", "adapters": len(children), "trained anew": trained,
                         "revalidation steps": steps, "re-train steps": scratch_steps,
                         "saving (steps)": f"{scratch_steps / max(steps, 1):.1f}x",
-                        "revalidation s": round(evaluate + retune, 1),
+                        "revalidation s": round(seconds, 1),
                         "re-train s": round(sum(float(p["seconds"]) for p in fleet), 1)})
     return {"versions": versions, "tasks": tasks, "arms": arms, "decisions": decisions, "drift": drift,
-            "similarity": similarity, "compute": compute}
+            "similarity": similarity, "compute": compute, "strategies": strategies, "carried": carried}
 
 
 # -- rendering ----------------------------------------------------------------------------------
@@ -117,6 +149,13 @@ def collect(uri: str, tasks: list[str], data_dir: Path, retune_steps: int) -> di
 
 def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _tried(value, carried: bool) -> str:
+    """A strategy's cell: its exact match and whether it carried the adapter (the gate stops there)."""
+    if isinstance(value, str) or value is None:
+        return value or "n/a"
+    return f"{_pct(value)} {'✓' if carried else '✗'}"
 
 
 def _arm_chart(version: str, rows: dict, out: Path) -> Path:
@@ -199,9 +238,20 @@ def render(data: dict, out: Path, timings: dict | None = None) -> tuple[Path, Pa
                 f"{version} as they are; re-tuned is what the revalidation registered on {version} "
                 "(re-tuned from the transferred weights, or flagged); fine-tune on new is trained from scratch "
                 f"on {version}.", table, _arm_chart(version, rows, out))
+    names = data["strategies"]
+    for version, rows in data["carried"].items():
+        rows = sorted(rows, key=lambda r: r["adapter"])
+        section(f"{data['versions'][0]} -> {version}: how each adapter was carried over",
+                f"The gate's strategies on {version}, in its order ({', '.join(names)}): each one's exact match (%) "
+                "on the rows the gate scores, ✓ where it passed the gate and carried the adapter, ✗ where it "
+                "failed; not tried once an earlier one carried it; n/a where it could make no candidate. Labels: "
+                "whether what serves needed the task's labelled rows.",
+                _table(["adapter", "from", *names, "carried by", "labels needed", "used"],
+                       [[r["adapter"], r["from"], *(_tried(r["tried"][n], n == r["carried by"]) for n in names),
+                         r["carried by"], r["labels"], r["used"] or "-"] for r in rows]))
     decisions = sorted(data["decisions"], key=lambda d: (d["base"], d["adapter"]))
-    section("Gate decisions", "Status on each new base: transferred (passed as it was), retuned (failed, re-tuned, "
-            "passed), failed-gate (flagged, not served).",
+    section("Gate decisions", "Status on each new base: transferred (passed as it was), scaled, distilled or retuned "
+            "(failed as it was, carried by that strategy), failed-gate (flagged, not served).",
             _table(["adapter", "base", "from", "status", "served", "exact match (%)", "why"],
                    [[d["adapter"], d["base"], d["from"], d["status"], "yes" if d["served"] else "no",
                      _pct(d["exact match"]), d["why"][:160]] for d in decisions]))
@@ -215,10 +265,11 @@ def render(data: dict, out: Path, timings: dict | None = None) -> tuple[Path, Pa
             "on the demo tasks' inputs (1.0: unchanged). Real updates by continual pretraining keep attention "
             "outputs alike and move the FFNs; the mild update is built to, the strong one moves both.",
             _table(["update", "layer", "attention", "FFN"], sim_rows), _similarity_chart(data["similarity"], out))
-    keys = ["update", "adapters", "re-tuned", "revalidation steps", "re-train steps", "saving (steps)",
+    keys = ["update", "adapters", "trained anew", "revalidation steps", "re-train steps", "saving (steps)",
             "revalidation s", "re-train s"]
     section("Compute: revalidation vs re-training every adapter",
-            "Optimizer steps the revalidation spent re-tuning (evaluation is a forward pass per eval set) against "
+            "Optimizer steps the revalidation spent in the strategies that train (distill, retune), those that "
+            "failed included (evaluation is a forward pass per eval set) against "
             "training every adapter of the fleet from scratch, as it was trained on v1; and the seconds measured "
             "inside the tasks (two adapters at a time on 2 CPU cores, so seconds compare less cleanly than steps).",
             _table(keys, [[c[k] for k in keys] for c in data["compute"]]))
@@ -237,10 +288,10 @@ def render(data: dict, out: Path, timings: dict | None = None) -> tuple[Path, Pa
     return markdown, page_html
 
 
-def build_report(uri: str, tasks: list[str], data_dir: Path, out: Path, retune_steps: int,
+def build_report(uri: str, tasks: list[str], data_dir: Path, out: Path, strategies: list[str],
                  timings: dict | None = None) -> Path:
     """Collect, render, and log the report to MLflow (experiment `report`); returns the HTML file."""
-    _, page = render(collect(uri, tasks, data_dir, retune_steps), out, timings)
+    _, page = render(collect(uri, tasks, data_dir, strategies), out, timings)
     registry = Registry(uri)
     run = registry.start_run("report", f"demo report {FAMILY}", {"base_family": FAMILY})
     registry.log_files(run, out, "report")

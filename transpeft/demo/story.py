@@ -9,7 +9,7 @@
   v2         transpeft bases register v2: the event starts the revalidation by itself; wait for it
   v3         v3 created straight in MLflow: the webhook starts its revalidation; wait for it
   reference  dvc repro of the plain-v2 trainings: fine-tuning on the mild update's base, the upper bound
-  report     every arm, the gate decisions, weight drift and compute: demo-report/, and MLflow
+  report     every arm, each strategy the gate tried, its decisions, drift and compute: demo-report/, MLflow
 
 Each step prints what it runs and how long it took; the long ones show progress as they go. The
 same commands are the README's, so every number in the report can be re-run by hand.
@@ -211,10 +211,10 @@ def run_story(report_dir: Path = Path("demo-report")) -> Path:
     _run(_bin("dvc"), "repro", "--single-item", *targets)
     done(mark)
 
-    mark = step("report", "every arm, the gate decisions, weight drift and compute")
+    mark = step("report", "every arm, each strategy the gate tried, its decisions, drift and compute")
     from .report import build_report
 
-    html = build_report(_mlflow_uri(), tasks, DATA, report_dir, params.gate.retune_steps, timings)
+    html = build_report(_mlflow_uri(), tasks, DATA, report_dir, list(params.gate.strategies), timings)
     done(mark)
 
     total = sum(timings.values())

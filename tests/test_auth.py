@@ -67,7 +67,8 @@ def locked(tmp_path, monkeypatch):
     for name in ("server.env", "webhook_receiver.py"):
         shutil.copy2(ROOT / "mlflow" / name, root / "mlflow")
     for key in (*SECRETS, "TRANSPEFT_STACK_DIR", "MLFLOW_STORE_DIR", "MLFLOW_BACKEND_STORE_URI",
-                "MLFLOW_ARTIFACTS_DESTINATION", "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY", "MLFLOW_TRACKING_URI"):
+                "MLFLOW_ARTIFACTS_DESTINATION", "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY", "MLFLOW_TRACKING_URI",
+                "TRANSPEFT_LOCAL_WEBHOOKS"):  # the image sets it; this is the default that the test checks
         monkeypatch.delenv(key, raising=False)
     for key, value in {"PREFECT_PORT": free_port(), "MLFLOW_PORT": free_port(), "TRANSPEFT_BIND_HOST": "0.0.0.0",
                        "MLFLOW_HOST": "0.0.0.0", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

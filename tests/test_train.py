@@ -141,10 +141,12 @@ def torchrun(tmp_path, mode: str):
 
     script = tmp_path / "train_ddp.py"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent)))
-    return subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", str(script),
-                           str(tmp_path / "adapter"), mode], capture_output=True, text=True, timeout=300,
-                          # The two talk over loopback: where the host name resolves to no local address (a
-                          # container with no network), gloo would otherwise wait on it until the timeout.
+    # The two talk over loopback, the agent's rendezvous included (--standalone, --local-addr): where the
+    # host name resolves to no address (a container with no network) torchrun and gloo would otherwise
+    # wait on it until the timeout.
+    return subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--standalone", "--local-addr",
+                           "127.0.0.1", "--nproc_per_node", "2", str(script), str(tmp_path / "adapter"), mode],
+                          capture_output=True, text=True, timeout=300,
                           env={**os.environ, "ACCELERATE_USE_CPU": "1", "GLOO_SOCKET_IFNAME": "lo"})
 
 

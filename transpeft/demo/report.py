@@ -4,7 +4,8 @@ Five arms per task and new base version, all exact match on the task's eval set:
     fine-tune on old     the adapter on the base it was trained on (v1)
     direct transfer      the plain v1 adapter, put on the new base as it is
     Trans-PEFT transfer  the Trans-PEFT v1 adapter, put on the new base as it is
-    re-tuned             what the revalidation serves (or flagged) on the new base, from the registry
+    revalidated          what the revalidation registered on the new base (as it was, scaled, distilled or
+                         re-tuned, or flagged), from the registry
     fine-tune on new     a plain adapter trained from scratch on the new base (dvc.yaml's plain-v2/v3)
 plus, per adapter and new base, each of the gate's strategies as it was tried (direct, scaled, distill,
 retune: its exact match, or not tried once an earlier one carried it), which one carried it and whether
@@ -33,8 +34,8 @@ from ..stages import ADAPTERS, BASES  # noqa: E402
 from ..tracking import AdapterRecord, Registry  # noqa: E402
 from ..transfer import evaluate_adapters  # noqa: E402
 
-ARMS = ("fine-tune on old", "direct transfer", "Trans-PEFT transfer", "re-tuned (plain)", "re-tuned (Trans-PEFT)",
-        "fine-tune on new")
+ARMS = ("fine-tune on old", "direct transfer", "Trans-PEFT transfer", "revalidated (plain)",
+        "revalidated (Trans-PEFT)", "fine-tune on new")
 FAMILY = "demo"
 
 
@@ -101,8 +102,8 @@ def collect(uri: str, tasks: list[str], data_dir: Path, strategies: list[str]) -
                 "fine-tune on old": _served_on(registry, f"{task}-plain-v1", old).metrics[task],
                 "direct transfer": as_is[(task, "plain-v1", version)],
                 "Trans-PEFT transfer": as_is[(task, "transpeft-v1", version)],
-                "re-tuned (plain)": plain.metrics.get(task) if plain else None,
-                "re-tuned (Trans-PEFT)": tp.metrics.get(task) if tp else None,
+                "revalidated (plain)": plain.metrics.get(task) if plain else None,
+                "revalidated (Trans-PEFT)": tp.metrics.get(task) if tp else None,
                 "fine-tune on new": (read_manifest(fresh).metrics[task]["exact_match"]
                                      if (fresh / "transpeft.json").is_file() else None),
             }
@@ -235,8 +236,9 @@ def render(data: dict, out: Path, timings: dict | None = None) -> tuple[Path, Pa
         table = _table(["task", *ARMS], [[t, *(_pct(rows[t][a]) for a in ARMS)] for t in rows])
         section(f"v1 -> {version}: exact match (%) per arm",
                 "Fine-tune on old is the v1 adapter on v1; the transfers are the v1 adapters on "
-                f"{version} as they are; re-tuned is what the revalidation registered on {version} "
-                "(re-tuned from the transferred weights, or flagged); fine-tune on new is trained from scratch "
+                f"{version} as they are; revalidated is what the revalidation registered on {version} "
+                "(as it was, or carried by the gate's first strategy that passed, or flagged as it was; scored "
+                "on the rows the gate scores); fine-tune on new is trained from scratch "
                 f"on {version}.", table, _arm_chart(version, rows, out))
     names = data["strategies"]
     for version, rows in data["carried"].items():

@@ -42,7 +42,7 @@ from .params import Gate
 from .placement import placed
 from .report import registry_matrix, write_decisions, write_report
 from .tracking import AdapterRecord, BaseRecord, NotRegistered, Registry, adapter_name
-from .strategies import STRATEGIES, Means, describe_used, direct, split_eval
+from .strategies import STRATEGIES, Means, describe_used, direct, split_eval, verdict
 from .transfer import IncompatibleBase
 
 DECISIONS = ("passed", "scaled", "distilled", "retuned", "flagged", "failed")
@@ -177,9 +177,8 @@ class Outcome:
         """One line per adapter for the flow's log: its decision, each strategy tried with its mean exact
         match (%) and whether it passed, and whether what serves needed labels; e.g. ``add-plain-v1:
         distilled (direct 0.0 ✗, scaled 1.5 ✗, distill 91.0 ✓), labels: no``."""
-        tried = ", ".join(f"{a['strategy']} " + (f"{100 * sum(a['scores'].values()) / len(a['scores']):.1f} "
-                                                 f"{'✓' if a['passed'] else '✗'}" if a["scores"] else "n/a")
-                          for a in self.attempts)
+        tried = ", ".join(f"{a['strategy']} " + (verdict(sum(a["scores"].values()) / len(a["scores"]), a["passed"])
+                                                 if a["scores"] else "n/a") for a in self.attempts)
         return f"{self.adapter}: {self.decision}" + (f" ({tried}), labels: {self.labels}" if tried else
                                                     f": {'; '.join(self.reasons)[:200]}")
 

@@ -96,6 +96,12 @@ class Attempt:
                 "steps": self.steps, "seconds": round(self.seconds, 2), "note": self.note, "reasons": self.reasons}
 
 
+def verdict(exact_match: float, passed: bool) -> str:
+    """A strategy's mean exact match (%) and the gate's verdict on it, as the flow's log and the demo
+    report show it: ``91.0 ✓`` (passed, so it carried the adapter) or ``4.2 ✗``."""
+    return f"{100 * exact_match:.1f} {'✓' if passed else '✗'}"
+
+
 def describe_used(used: dict[str, int]) -> str:
     """What a strategy used, in words: ``2000 labels``, ``256 prompts``; empty for nothing."""
     return ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in used.items() if v)

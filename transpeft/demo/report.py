@@ -31,6 +31,7 @@ from ..data import load_tasks  # noqa: E402
 from ..drift import activation_similarity, layer_drift  # noqa: E402
 from .family import task_inputs  # noqa: E402
 from ..stages import ADAPTERS, BASES  # noqa: E402
+from ..strategies import verdict  # noqa: E402
 from ..tracking import AdapterRecord, Registry  # noqa: E402
 from ..transfer import evaluate_adapters  # noqa: E402
 
@@ -54,11 +55,10 @@ def carried_over(record: AdapterRecord, tags: dict[str, str], metrics: dict[str,
     run's metrics: per strategy of the gate's order, its mean exact match over the adapter's tasks
     (``None``: tried, but it made no candidate, e.g. distill without the old base), or "not tried"
     when an earlier one carried it or the revalidation stopped; the one that carried it; its labels."""
-    tasks = list(record.metrics) or [k.split(".", 1)[1] for k in metrics if k.startswith("exact_match.")]
     tried: dict[str, float | str | None] = {}
     for name in strategies:
         key = "exact_match" if name == "direct" else f"{name}_exact_match"
-        scores = [metrics[f"{key}.{t}"] for t in tasks if f"{key}.{t}" in metrics]
+        scores = [metrics[f"{key}.{t}"] for t in record.metrics if f"{key}.{t}" in metrics]
         if name == "direct" or scores or f"seconds.{name}" in metrics:
             tried[name] = _mean(scores)
         else:
@@ -93,8 +93,12 @@ def collect(uri: str, tasks: list[str], data_dir: Path, strategies: list[str]) -
                 as_is[(task, run, version)] = scores[str(path)][task]["exact_match"]
 
     arms: dict[str, dict[str, dict[str, float | None]]] = {}  # version -> task -> arm -> score
+    # every adapter run of every revalidation of each version (a re-run adds none: all were in place)
+    children = {version: [r for r in registry.runs("transfer", f"tags.base_version = '{version}'")
+                          if "decision" in r.data.tags] for version in new_versions}
     decisions, carried = [], {}
     for version in new_versions:
+        run_metrics = {r.info.run_id: r.data.metrics for r in children[version]}
         for task in tasks:
             plain, tp = (_served_on(registry, f"{task}-{r}", version) for r in ("plain-v1", "transpeft-v1"))
             fresh = ADAPTERS / f"plain-{version}" / task
@@ -113,8 +117,8 @@ def collect(uri: str, tasks: list[str], data_dir: Path, strategies: list[str]) -
                     decisions.append({"adapter": record.name, "base": version, "from": record.transferred_from,
                                       "status": record.status, "served": record.serving,
                                       "exact match": record.metrics.get(task), "why": tags.get("gate", "")})
-                    child = registry.run(tags["revalidation_run"]).data.metrics if "revalidation_run" in tags else {}
-                    carried.setdefault(version, []).append(carried_over(record, tags, child, strategies))
+                    metrics = run_metrics.get(tags.get("revalidation_run", ""), {})
+                    carried.setdefault(version, []).append(carried_over(record, tags, metrics, strategies))
 
     drift, similarity = {}, {}
     models = {v: load_base(BaseRef(str(BASES / v), family=FAMILY, version=v))[0] for v in versions}
@@ -126,17 +130,15 @@ def collect(uri: str, tasks: list[str], data_dir: Path, strategies: list[str]) -
 
     compute = []
     for version in new_versions:
-        # every adapter run of every revalidation of this version (a re-run adds none: all were in place)
-        children = [r for r in registry.runs("transfer", f"tags.base_version = '{version}'")
-                    if "decision" in r.data.tags]
         # seconds.<strategy> and steps.<strategy>: every strategy tried, whether or not it carried the adapter
-        seconds = sum(v for r in children for k, v in r.data.metrics.items() if k.startswith("seconds."))
-        steps = int(sum(v for r in children for k, v in r.data.metrics.items() if k.startswith("steps.")))
-        trained = sum(any(k.startswith("steps.") for k in r.data.metrics) for r in children)
+        runs = children[version]
+        seconds = sum(v for r in runs for k, v in r.data.metrics.items() if k.startswith("seconds."))
+        steps = int(sum(v for r in runs for k, v in r.data.metrics.items() if k.startswith("steps.")))
+        trained = sum(any(k.startswith("steps.") for k in r.data.metrics) for r in runs)
         fleet = [registry.run(_served_on(registry, f"{t}-{r}", old).run_id).data.params
                  for t in tasks for r in ("plain-v1", "transpeft-v1")]
         scratch_steps = sum(int(p["steps"]) for p in fleet)
-        compute.append({"update": f"-> {version}", "adapters": len(children), "trained anew": trained,
+        compute.append({"update": f"-> {version}", "adapters": len(runs), "trained anew": trained,
                         "revalidation steps": steps, "re-train steps": scratch_steps,
                         "saving (steps)": f"{scratch_steps / max(steps, 1):.1f}x",
                         "revalidation s": round(seconds, 1),
@@ -156,7 +158,7 @@ def _tried(value, carried: bool) -> str:
     """A strategy's cell: its exact match and whether it carried the adapter (the gate stops there)."""
     if isinstance(value, str) or value is None:
         return value or "n/a"
-    return f"{_pct(value)} {'✓' if carried else '✗'}"
+    return verdict(value, carried)
 
 
 def _arm_chart(version: str, rows: dict, out: Path) -> Path:

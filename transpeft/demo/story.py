@@ -3,7 +3,7 @@
     transpeft story                 # from the project root; run it again and it reuses what is built
 
   data       dvc repro prepare, dvc push: the four task datasets, validated and versioned
-  bases      dvc repro bases: v1 pretrained, v2 and v3 continually pretrained (about 5.5 min); meanwhile
+  bases      dvc repro bases: v1 pretrained, v2 and v3 continually pretrained (5 to 7.5 min); meanwhile
   stack      transpeft stack up: Prefect, MLflow, the webhook receiver and a worker on 127.0.0.1
   v1         register v1; finetune-adapters/grid: the fleet, plain and Trans-PEFT per task
   v2         transpeft bases register v2: the event starts the revalidation by itself; wait for it

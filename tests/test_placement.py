@@ -89,6 +89,24 @@ def test_bases_loaded_by_threads_at_once_leave_the_default_dtype_and_a_new_adapt
         assert torch.get_default_dtype() == torch.float32
 
 
+def test_a_base_described_while_another_loads_waits_its_turn(saved_base):
+    """describe_base builds the base's skeleton with from_config, which sets the default dtype to the
+    config's and back: beside a bf16 load that was still under way, it once left the process bf16 (one
+    CI run in several). So it waits for whatever holds BUILDING, as a load does."""
+    from transpeft.bases import BUILDING
+
+    with ThreadPoolExecutor(1) as pool:
+        with BUILDING:  # a load under way in this thread
+            torch.set_default_dtype(torch.bfloat16)
+            described = pool.submit(describe_base, BaseRef(str(saved_base)))
+            time.sleep(2)  # describing the tiny base takes a fraction of that
+            done_meanwhile = described.done()
+            torch.set_default_dtype(torch.float32)
+        described.result()
+    assert not done_meanwhile
+    assert torch.get_default_dtype() == torch.float32
+
+
 def test_bf16_loads_bf16_weights_under_the_same_fingerprint(saved_base):
     fp32, _, info32 = load_base(BaseRef(str(saved_base)), Placement(device="cpu", dtype="fp32"))
     bf16, _, info16 = load_base(BaseRef(str(saved_base)), Placement(device="cpu", dtype="bf16"))

@@ -33,7 +33,8 @@ FAMILY_RECORD = "family.json"  # beside a family's version folders: {"family": "
 # transformers builds a model under torch's process-wide default dtype, set to the model's dtype and
 # restored after. Two threads loading at once can leave it bf16 for good, and an adapter layer made
 # meanwhile takes the wrong dtype ("expected m1 and m2 to have the same dtype" on scoring). So bases
-# load, and adapters are made, one at a time per process.
+# load, their skeletons are built (from_config sets it as well), and adapters are made, one at a time
+# per process.
 BUILDING = threading.RLock()
 
 
@@ -210,7 +211,7 @@ def describe_base(ref: BaseRef):
         tokenizer = AutoTokenizer.from_pretrained(ref.source, revision=ref.revision)
         config = AutoConfig.from_pretrained(ref.source, revision=ref.revision)
         files = _weight_files(ref)
-        with torch.device("meta"):
+        with BUILDING, torch.device("meta"):  # from_config sets the default dtype too, to the config's
             skeleton = AutoModelForCausalLM.from_config(config)
     except (OSError, ValueError) as e:
         raise BaseLoadError(f"could not load base {ref.source!r}"

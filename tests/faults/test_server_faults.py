@@ -3,6 +3,7 @@ Prefect server down when MLflow's webhook announces a base, and back within MLfl
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import signal
@@ -10,6 +11,7 @@ import threading
 import time
 
 import pytest
+import servers
 from faults.recovery import GATE_PASS_ALL, assert_recovered
 
 from flows.transfer_on_base_update import transfer_on_base_update
@@ -19,6 +21,7 @@ from transpeft.webhook import make_server
 
 pytestmark = pytest.mark.server
 OUTAGE_S = 10
+FLOW = "transfer-on-base-update"
 
 
 class Restartable:
@@ -50,8 +53,11 @@ def test_the_tracking_server_killed_mid_revalidation_and_back_10_s_later(fleet, 
                                                                          measured):
     params = fleet.params(GATE_PASS_ALL)
     result: dict = {}
-    run = threading.Thread(target=lambda: result.update(
-        summary=transfer_on_base_update(fleet.family, "v2", fleet.data, params)))
+    # A thread starts with empty context variables, Prefect's settings among them: without the copy its
+    # flow run would go to a temporary server of Prefect's own instead of prefect_api's.
+    revalidate = contextvars.copy_context()
+    run = threading.Thread(target=revalidate.run, args=(lambda: result.update(
+        summary=transfer_on_base_update(fleet.family, "v2", fleet.data, params)),))
     started = time.monotonic()
     run.start()
     # Killed once the revalidation has begun recording: its parent run exists, its adapters are on their way.
@@ -66,6 +72,9 @@ def test_the_tracking_server_killed_mid_revalidation_and_back_10_s_later(fleet, 
 
     counted = assert_recovered(fleet, "v2", result["summary"])
     assert result["summary"]["state"] == "done" and counted["passed"] + counted["already_done"] == 3
+    runs = servers.prefect_api(prefect_api, "/flow_runs/filter", {"flows": {"name": {"any_": [FLOW]}}})
+    assert [r["state"]["type"] for r in runs if r["parameters"].get("family") == fleet.family] == ["COMPLETED"], \
+        "the revalidation's flow run is not on the test's Prefect server"
     measured(fault=f"MLflow server killed (SIGKILL) mid-revalidation, restarted {OUTAGE_S} s later",
              promise="retried on transient errors; the job completes", adapters=3, killed_after_s=round(killed_at, 1),
              outage_s=OUTAGE_S, finished_after_s=round(took, 1), versions_after=sum(map(len, fleet.on("v2").values())),

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from transpeft.data import load_tasks
 from transpeft.demo.family import build_demo_family
-from transpeft.demo.tasks import build_demo_tasks
+from transpeft.demo.tasks import ADDITIONS, build_demo_tasks
 from transpeft.demo.world import VERSIONS, world
 
 
@@ -96,6 +96,19 @@ def test_demo_tasks_cover_both_kinds_with_disjoint_eval(tmp_path):
     assert not {e.prompt for e in lookup.eval} & {e.prompt for e in lookup.train}  # other facts...
     entities = lambda rows: {e.prompt.split()[0] for e in rows}  # noqa: E731
     assert entities(lookup.eval) & entities(lookup.train)  # ...of the same entities
+
+
+def test_more_eval_rows_than_a_task_can_hold_out_fill_the_rest_and_every_train_split(tmp_path):
+    """Asked for more eval rows than add and lookup have questions to hold out, each holds out what it
+    can (add once drew forever past its 495 questions, and left train short from about 300) and still
+    trains on the full n_train rows of other questions."""
+    build_demo_tasks(tmp_path, n_train=2000, n_eval=1000)
+    tasks = {t.name: t for t in load_tasks(tmp_path)}
+    sizes = {name: len(task.eval) for name, task in tasks.items()}
+    assert sizes == {"reverse": 1000, "sort": 1000, "lookup": 120, "add": ADDITIONS // 2}
+    for task in tasks.values():
+        assert len(task.train) == 2000, task.name
+        assert not {e.prompt for e in task.eval} & {e.prompt for e in task.train}, task.name
 
 
 def test_demo_tasks_are_deterministic_per_seed(tmp_path):

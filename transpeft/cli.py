@@ -468,7 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory to write one folder per task to")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-train", type=int, help="training rows per task (default: the demo's own size)")
-    p.add_argument("--n-eval", type=int, help="evaluation rows per task (default: the demo's own size)")
+    p.add_argument("--n-eval", type=int, help="evaluation rows per task (default: the demo's own size); "
+                   "lookup asks at most 120, add 247")
     _add_json(p)
     p.set_defaults(func=cmd_data_build_demo)
     p = _parser("validate", data_sub, "check every row of every task; bad rows are named by file and line",

@@ -61,11 +61,21 @@ def string_splits(make, rng: random.Random, n_train: int, n_eval: int) -> tuple[
     return [make(w) for w in train_words], [make(w) for w in eval_words]
 
 
+# Every question the add task can ask: a two-digit a and a one-digit b with no carry (495 of them).
+ADDITIONS = sum(10 - a % 10 for a in range(10, 100))
+
+
 def addition_splits(rng: random.Random, n_train: int, n_eval: int) -> tuple[list[Example], list[Example]]:
-    eval_pairs = distinct_inputs(lambda: addition_operands(rng), n_eval, set())
+    """Eval on distinct additions, at most half of them, so that train keeps the other half; train on
+    those (repeats allowed)."""
+    eval_pairs = distinct_inputs(lambda: addition_operands(rng), min(n_eval, ADDITIONS // 2), set())
     held_out = set(eval_pairs)
-    pairs = [ab for ab in (addition_operands(rng) for _ in range(3 * n_train)) if ab not in held_out]
-    return [add_example(*ab) for ab in pairs[:n_train]], [add_example(*ab) for ab in eval_pairs]
+    train_pairs: list[tuple[int, int]] = []
+    while len(train_pairs) < n_train:
+        ab = addition_operands(rng)
+        if ab not in held_out:
+            train_pairs.append(ab)
+    return [add_example(*ab) for ab in train_pairs], [add_example(*ab) for ab in eval_pairs]
 
 
 def lookup_splits(rng: random.Random, n_train: int, n_eval: int) -> tuple[list[Example], list[Example]]:

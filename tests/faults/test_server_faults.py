@@ -21,7 +21,6 @@ from transpeft.webhook import make_server
 
 pytestmark = pytest.mark.server
 OUTAGE_S = 10
-FLOW = "transfer-on-base-update"
 
 
 class Restartable:
@@ -55,8 +54,7 @@ def test_the_tracking_server_killed_mid_revalidation_and_back_10_s_later(fleet, 
     result: dict = {}
     # A thread starts with empty context variables, Prefect's settings among them: without the copy its
     # flow run would go to a temporary server of Prefect's own instead of prefect_api's.
-    revalidate = contextvars.copy_context()
-    run = threading.Thread(target=revalidate.run, args=(lambda: result.update(
+    run = threading.Thread(target=contextvars.copy_context().run, args=(lambda: result.update(
         summary=transfer_on_base_update(fleet.family, "v2", fleet.data, params)),))
     started = time.monotonic()
     run.start()
@@ -72,7 +70,8 @@ def test_the_tracking_server_killed_mid_revalidation_and_back_10_s_later(fleet, 
 
     counted = assert_recovered(fleet, "v2", result["summary"])
     assert result["summary"]["state"] == "done" and counted["passed"] + counted["already_done"] == 3
-    runs = servers.prefect_api(prefect_api, "/flow_runs/filter", {"flows": {"name": {"any_": [FLOW]}}})
+    runs = servers.prefect_api(prefect_api, "/flow_runs/filter",
+                               {"flows": {"name": {"any_": [transfer_on_base_update.name]}}})
     assert [r["state"]["type"] for r in runs if r["parameters"].get("family") == fleet.family] == ["COMPLETED"], \
         "the revalidation's flow run is not on the test's Prefect server"
     measured(fault=f"MLflow server killed (SIGKILL) mid-revalidation, restarted {OUTAGE_S} s later",
